@@ -1,0 +1,580 @@
+//! `config.yaml`: typed, defaulted, overridable from the environment, validated once at start.
+//!
+//! [`Config::load`] runs these steps on the YAML value tree, then on the typed value:
+//!
+//! 1. parse the YAML (a syntax error reports its line and column) and apply `<<` merge keys;
+//! 2. drop keys left empty (`key:` or `key: null`): they take their default;
+//! 3. apply `QUOTAGATE__SECTION__KEY` variables to scalar keys outside `providers` (the name is
+//!    matched without regard to case; an unknown one is an error). Where the key's default is a
+//!    number or a boolean the value is read as a YAML scalar, otherwise it is taken verbatim;
+//! 4. expand `${VAR}` and `${VAR:-default}` in every string value, the overrides' included
+//!    (comments are gone by then, so they are never expanded). `$$` is a literal `$`, and a `$`
+//!    not followed by `{` is kept as it is. Expansion yields strings: numbers come from
+//!    `QUOTAGATE__…` variables instead;
+//! 5. deserialise into the structs below: every key has a default, unknown keys are errors with
+//!    their full path (`providers[0].accounts[1].quota_limt`);
+//! 6. resolve `data_dir` and an SQLite file against the config file's directory, and check the
+//!    database URL;
+//! 7. validate what the types cannot (ranges, cron expressions, timezones, unique names, …).
+//!
+//! Whatever fails is one [`ConfigError`] line naming the file and the key. Nothing here is
+//! global: every command and test loads its own [`Config`] and passes it on as a value.
+
+mod codec;
+mod error;
+mod providers;
+mod tree;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+pub use error::ConfigError;
+pub use providers::{
+    AccountConfig, AuthConfig, Credentials, LimitValue, ModelConfig, Price, ProviderConfig,
+    RateLimitHeaders, RateLimitsConfig, WindowConfig,
+};
+pub use validate::parse_cron;
+
+use crate::secrets::Secret;
+use error::Issue;
+
+/// The whole configuration, as loaded from one file and the environment.
+///
+/// `Serialize` gives the effective configuration with every secret as `***` (and the database URL
+/// redacted); `Debug` never shows a secret either.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub runtime: RuntimeConfig,
+    /// Where generated secrets live; absolute (resolved against the config file's directory).
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub sync: SyncConfig,
+    pub upstream: UpstreamConfig,
+    pub quota: QuotaConfig,
+    pub tracking: TrackingConfig,
+    pub jobs: JobsConfig,
+    pub notifications: NotificationsConfig,
+    pub security: SecurityConfig,
+    pub logging: LoggingConfig,
+    pub providers: Vec<ProviderConfig>,
+    /// The absolute path of the file this was read from.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// `database.url` parsed during load, so a bad URL is refused at start, not at first use.
+    #[serde(skip)]
+    backend: DatabaseBackend,
+}
+
+/// The file's shape: [`Config`] before paths are resolved. Its serialised default is also the
+/// list of keys that `QUOTAGATE__…` variables may name.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    server: ServerConfig,
+    runtime: RuntimeConfig,
+    data_dir: PathBuf,
+    database: DatabaseConfig,
+    redis: RedisConfig,
+    sync: SyncConfig,
+    upstream: UpstreamConfig,
+    quota: QuotaConfig,
+    tracking: TrackingConfig,
+    jobs: JobsConfig,
+    notifications: NotificationsConfig,
+    security: SecurityConfig,
+    logging: LoggingConfig,
+    providers: Vec<ProviderConfig>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            server: ServerConfig::default(),
+            runtime: RuntimeConfig::default(),
+            data_dir: PathBuf::from("data"),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            sync: SyncConfig::default(),
+            upstream: UpstreamConfig::default(),
+            quota: QuotaConfig::default(),
+            tracking: TrackingConfig::default(),
+            jobs: JobsConfig::default(),
+            notifications: NotificationsConfig::default(),
+            security: SecurityConfig::default(),
+            logging: LoggingConfig::default(),
+            providers: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` with the process environment (for `QUOTAGATE__…` and `${VAR}`).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // `vars_os` rather than `vars`, which panics on a non-UTF-8 variable; such variables
+        // cannot be meant for us and are skipped.
+        let env: BTreeMap<String, String> = std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+            .collect();
+        Config::load_with_env(path, &env)
+    }
+
+    /// Loads `path` with the given environment instead of the process's (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let path = absolute(path);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::new(&path, "", format!("cannot read the file: {e}")))?;
+        Config::from_yaml(&text, &path, env)
+    }
+
+    /// Builds the configuration from `text`. `path` is used only in messages and to resolve
+    /// relative paths; the file is not read.
+    pub fn from_yaml(
+        text: &str,
+        path: &Path,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let path = absolute(path);
+        let mut overridden = BTreeMap::new();
+        build(text, &path, env, &mut overridden)
+            .map_err(|issue| ConfigError::from_issue(&path, issue, &overridden))
+    }
+
+    /// The database `database.url` selects (checked during load).
+    pub fn database_backend(&self) -> DatabaseBackend {
+        self.backend.clone()
+    }
+}
+
+fn build(
+    text: &str,
+    path: &Path,
+    env: &BTreeMap<String, String>,
+    overridden: &mut BTreeMap<String, String>,
+) -> Result<Config, Issue> {
+    let mut root = tree::parse(text)?;
+    tree::drop_empty_keys(&mut root);
+    let defaults = yaml_serde::to_value(FileConfig::default())
+        .map_err(|e| Issue::new("", format!("internal error: cannot list the keys: {e}")))?;
+    *overridden = tree::apply_env_overrides(&mut root, &defaults, env)?;
+    let mut tree = yaml_serde::Value::Mapping(root);
+    tree::expand_vars(&mut tree, "", env)?;
+
+    let file: FileConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let key = key_path(e.path());
+        Issue::new(key, serde_problem(&e.into_inner().to_string()))
+    })?;
+
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if file.data_dir.as_os_str().is_empty() {
+        return Err(Issue::new("data_dir", "must not be empty"));
+    }
+    let backend = DatabaseBackend::from_url(file.database.url.expose(), dir)
+        .map_err(|problem| Issue::new("database.url", problem))?;
+    let config = Config {
+        server: file.server,
+        runtime: file.runtime,
+        data_dir: resolve(dir, &file.data_dir),
+        database: file.database,
+        redis: file.redis,
+        sync: file.sync,
+        upstream: file.upstream,
+        quota: file.quota,
+        tracking: file.tracking,
+        jobs: file.jobs,
+        notifications: file.notifications,
+        security: file.security,
+        logging: file.logging,
+        providers: file.providers,
+        path: path.to_path_buf(),
+        backend,
+    };
+    validate::validate(&config)?;
+    Ok(config)
+}
+
+/// `providers[0].accounts[1].quota_limit`, from serde_path_to_error's segments.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Unknown => key.push_str(if key.is_empty() { "?" } else { ".?" }),
+        }
+    }
+    key
+}
+
+/// serde's messages in the words of a config file where they are about keys or ranges (the
+/// key itself is already in the path): "unknown field `x`, expected one of …" and "invalid
+/// value: integer `-1`, expected u32".
+fn serde_problem(message: &str) -> String {
+    if let Some((_, expected)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once("`, "))
+    {
+        return format!("unknown key ({expected})");
+    }
+    if let Some((number, expected)) = message
+        .strip_prefix("invalid value: integer `")
+        .and_then(|rest| rest.split_once("`, expected "))
+    {
+        let max = match expected {
+            "u16" => Some(u64::from(u16::MAX)),
+            "u32" => Some(u64::from(u32::MAX)),
+            "u64" | "usize" => Some(u64::MAX),
+            _ => None,
+        };
+        if let Some(max) = max {
+            return if number.starts_with('-') {
+                format!("must not be negative (got {number})")
+            } else {
+                format!("must be at most {max} (got {number})")
+            };
+        }
+    }
+    message.to_string()
+}
+
+/// `path` made absolute against the current directory, without touching the file system
+/// beyond that (the file may not exist yet, and symlinks are kept as the user wrote them).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn resolve(dir: &Path, path: &Path) -> PathBuf {
+    absolute(&dir.join(path))
+}
+
+/// The database `database.url` selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    /// An SQLite file, absolute: `sqlite://data/q.db` is relative to the config file's directory,
+    /// `sqlite:///var/lib/q.db` is absolute.
+    Sqlite(PathBuf),
+    /// A Postgres server: the full `postgres://` or `postgresql://` URL.
+    Postgres(Secret),
+}
+
+impl DatabaseBackend {
+    /// Messages name the scheme at most: the rest of the URL may hold a password.
+    fn from_url(url: &str, dir: &Path) -> Result<DatabaseBackend, String> {
+        const USE: &str = "use sqlite://FILE or postgres://user:password@host/db";
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(format!("not a database URL ({USE})"));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => match rest {
+                "" => Err(format!("the SQLite URL names no file ({USE})")),
+                ":memory:" => Err(
+                    "an in-memory SQLite database is not supported: each pooled \
+                                   connection would see its own empty database"
+                        .to_string(),
+                ),
+                file => Ok(DatabaseBackend::Sqlite(resolve(dir, Path::new(file)))),
+            },
+            "postgres" | "postgresql" => Ok(DatabaseBackend::Postgres(Secret::new(url))),
+            other => Err(format!("unsupported database scheme `{other}` ({USE})")),
+        }
+    }
+}
+
+/// `server`: where the HTTP front door listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    /// 0 lets the OS pick (tests).
+    pub port: u16,
+    /// HTTP worker threads; 0 = one per core.
+    pub workers: usize,
+    /// How long in-flight requests may take to finish after a stop signal.
+    #[serde(with = "codec::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".to_string(),
+            port: 8080,
+            workers: 0,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `runtime`: how actors are placed on threads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub arbiters: Arbiters,
+}
+
+/// How many arbiters (actor threads) host the pools: `auto` (one per core) or a number, where 0
+/// runs everything on the caller's runtime (actor tests under a paused clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Arbiters {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl Serialize for Arbiters {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Arbiters::Auto => serializer.serialize_str("auto"),
+            Arbiters::Count(n) => serializer.serialize_u64(*n as u64),
+        }
+    }
+}
+
+/// Accepts `auto`, a number, or a number as text (as a `QUOTAGATE__RUNTIME__ARBITERS` variable
+/// gives it, since the key's default is the text `auto`).
+impl<'de> Deserialize<'de> for Arbiters {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ArbitersVisitor;
+
+        impl<'de> Visitor<'de> for ArbitersVisitor {
+            type Value = Arbiters;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto` or a number of arbiters")
+            }
+
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Arbiters, E> {
+                usize::try_from(n)
+                    .map(Arbiters::Count)
+                    .map_err(|_| E::custom(format!("too many arbiters: {n}")))
+            }
+
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Arbiters, E> {
+                Err(E::custom(format!(
+                    "must be `auto` or a number of 0 or more, got {n}"
+                )))
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Arbiters, E> {
+                match text.trim() {
+                    "auto" => Ok(Arbiters::Auto),
+                    number => number.parse().map(Arbiters::Count).map_err(|_| {
+                        E::custom(format!(
+                            "must be `auto` or a number of 0 or more, got `{text}`"
+                        ))
+                    }),
+                }
+            }
+        }
+
+        deserializer.deserialize_any(ArbitersVisitor)
+    }
+}
+
+/// `database`: Postgres or an embedded SQLite file, picked by the URL's scheme.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// As written (after `${VAR}` expansion); see [`Config::database_backend`] for its meaning.
+    #[serde(serialize_with = "codec::redacted_url")]
+    pub url: Secret,
+    pub pool_size: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: Secret::new("sqlite://data/quotagate.db"),
+            pool_size: 8,
+        }
+    }
+}
+
+/// `redis`: the seed's three keys. An empty host means no Redis.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `host:port`, or empty for no Redis.
+    pub host: String,
+    pub password: Secret,
+    pub db: i64,
+}
+
+/// `sync`: how often account state is flushed, and how long a reservation may stay unsettled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    #[serde(with = "codec::duration")]
+    pub redis_interval: Duration,
+    #[serde(with = "codec::duration")]
+    pub database_interval: Duration,
+    #[serde(with = "codec::duration")]
+    pub reservation_timeout: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            redis_interval: Duration::from_secs(1),
+            database_interval: Duration::from_secs(5),
+            reservation_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `upstream`: calls to the providers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(with = "codec::duration")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout; a provider's `timeout` replaces it.
+    #[serde(with = "codec::duration")]
+    pub timeout: Duration,
+    /// Longest silence allowed inside a streamed answer.
+    #[serde(with = "codec::duration")]
+    pub stream_idle_timeout: Duration,
+    /// Retries on another account, only before the first byte reached the client.
+    pub retries: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(120),
+            stream_idle_timeout: Duration::from_secs(60),
+            retries: 2,
+        }
+    }
+}
+
+/// `quota`: the per-account token quota's period and warning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Fraction of the quota at which a warning event fires, in (0, 1].
+    pub warning_threshold: f64,
+    /// When quotas reset (five-field cron).
+    pub reset_cron: String,
+    /// IANA timezone of `reset_cron`.
+    pub timezone: String,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            warning_threshold: 0.8,
+            reset_cron: "0 0 * * *".to_string(),
+            timezone: "UTC".to_string(),
+        }
+    }
+}
+
+/// `tracking`: request logs, written in batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackingConfig {
+    /// Rows per database write.
+    pub batch_size: usize,
+    #[serde(with = "codec::duration")]
+    pub flush_interval: Duration,
+    /// Rows held in memory at most; beyond that rows are dropped (and counted).
+    pub buffer: usize,
+    /// Days request logs are kept.
+    pub retention_days: u32,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            batch_size: 500,
+            flush_interval: Duration::from_secs(1),
+            buffer: 100_000,
+            retention_days: 90,
+        }
+    }
+}
+
+/// `jobs`: schedules of the periodic jobs (five-field cron, UTC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Deletes request logs older than `tracking.retention_days`.
+    pub cleanup_cron: String,
+    /// Builds the daily provider statistics.
+    pub aggregate_cron: String,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            cleanup_cron: "0 2 * * *".to_string(),
+            aggregate_cron: "0 1 * * *".to_string(),
+        }
+    }
+}
+
+/// `notifications`: where quota events are POSTed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// Empty = no webhook.
+    pub webhook_url: String,
+}
+
+/// `security`: secrets the runtime generates (into `data_dir`) when they are left empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    pub admin_token: Secret,
+    /// Encrypts credentials at rest: 32 bytes as 64 hex characters or base64.
+    pub master_key: Secret,
+}
+
+/// `logging`: level and line format of the logs on stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// off, error, warn, info, debug or trace (any case).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".to_string(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// One JSON object per line, or readable text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
