@@ -1,0 +1,11 @@
+DROP TABLE settings;
+DROP TABLE account_state;
+DROP TABLE account_audit;
+DROP TABLE provider_stats;
+DROP TABLE request_logs;
+DROP TABLE rate_limits;
+DROP TABLE accounts;
+DROP TABLE models;
+DROP TABLE providers;
+DROP TABLE client_keys;
+DROP TABLE users;

@@ -1,0 +1,64 @@
+//! The audit trail of account state changes: who (actor), what (action) and why (reason).
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+
+use super::schema::account_audit;
+use super::{DbConn, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = account_audit)]
+pub struct AuditRow {
+    pub id: i64,
+    pub account_id: String,
+    pub ts: NaiveDateTime,
+    pub actor: String,
+    pub action: String,
+    pub reason: String,
+    pub details: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Insertable)]
+#[diesel(table_name = account_audit)]
+pub struct NewAudit {
+    pub account_id: String,
+    pub ts: NaiveDateTime,
+    /// `config`, `cli`, `admin-api`, `runtime`.
+    pub actor: String,
+    /// `create`, `enable`, `disable`, `cooldown`, `reset`, `update`, `expire`, `delete`.
+    pub action: String,
+    pub reason: String,
+    /// Optional JSON with the changed fields (never secrets).
+    pub details: Option<String>,
+}
+
+impl NewAudit {
+    pub fn new(account_id: &str, actor: &str, action: &str, reason: impl Into<String>) -> Self {
+        NewAudit {
+            account_id: account_id.to_string(),
+            ts: super::now(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            reason: reason.into(),
+            details: None,
+        }
+    }
+}
+
+/// Audit rows are few (state changes, not requests): one statement each keeps this portable.
+pub fn insert(conn: &mut DbConn, rows: &[NewAudit]) -> Result<(), StoreError> {
+    for row in rows {
+        diesel::insert_into(account_audit::table)
+            .values(row)
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+pub fn list_for_account(conn: &mut DbConn, account_id: &str) -> Result<Vec<AuditRow>, StoreError> {
+    Ok(account_audit::table
+        .filter(account_audit::account_id.eq(account_id))
+        .order(account_audit::id)
+        .select(AuditRow::as_select())
+        .load(conn)?)
+}

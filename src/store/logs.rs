@@ -1,0 +1,71 @@
+//! Request logs: one row per proxied (or refused) request, written in batches.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+
+use super::schema::request_logs;
+use super::{DbConn, StoreError};
+
+/// A request log row as written (the seed's `TrackingRequest` plus account, model, request id and
+/// timestamp).
+#[derive(Debug, Clone, PartialEq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = request_logs)]
+pub struct NewRequestLog {
+    pub request_id: String,
+    pub ts: NaiveDateTime,
+    pub provider_id: String,
+    pub account_id: Option<String>,
+    pub model: String,
+    pub user_id: Option<String>,
+    pub method: String,
+    pub endpoint: String,
+    pub status_code: i32,
+    pub latency_ms: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub success: bool,
+    pub error_type: Option<String>,
+    pub error_message: Option<String>,
+    pub estimated_cost: f64,
+}
+
+/// Inserts `rows` in one transaction, in chunks that stay under both backends' bind limits.
+pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
+    // 16 columns per row; SQLite allows 32766 bound values, Postgres 65535.
+    const ROWS_PER_STATEMENT: usize = 1000;
+    conn.transaction(|conn| {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            match conn {
+                DbConn::Postgres(c) => {
+                    diesel::insert_into(request_logs::table)
+                        .values(chunk)
+                        .execute(c)?;
+                }
+                DbConn::Sqlite(c) => {
+                    diesel::insert_into(request_logs::table)
+                        .values(chunk)
+                        .execute(c)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn count(conn: &mut DbConn) -> Result<i64, StoreError> {
+    Ok(request_logs::table.count().get_result(conn)?)
+}
+
+/// Rows in `[from, to)`, oldest first.
+pub fn list_range(
+    conn: &mut DbConn,
+    from: NaiveDateTime,
+    to: NaiveDateTime,
+) -> Result<Vec<NewRequestLog>, StoreError> {
+    Ok(request_logs::table
+        .filter(request_logs::ts.ge(from))
+        .filter(request_logs::ts.lt(to))
+        .order(request_logs::id)
+        .select(NewRequestLog::as_select())
+        .load(conn)?)
+}

@@ -1,0 +1,41 @@
+//! Small named values: the admin token's hash, the clean-shutdown mark, the heartbeat.
+
+use diesel::prelude::*;
+
+use super::schema::settings;
+use super::{DbConn, StoreError};
+
+/// The SHA-256 of the generated admin token (absent when the token is configured).
+pub const ADMIN_TOKEN_HASH: &str = "admin_token_hash";
+
+pub fn get(conn: &mut DbConn, key: &str) -> Result<Option<String>, StoreError> {
+    Ok(settings::table
+        .find(key)
+        .select(settings::value)
+        .first(conn)
+        .optional()?)
+}
+
+/// Sets `key` to `value`, creating it when absent.
+pub fn put(conn: &mut DbConn, key: &str, value: &str) -> Result<(), StoreError> {
+    let now = super::now();
+    conn.transaction(|conn| {
+        let updated = diesel::update(settings::table.find(key))
+            .set((settings::value.eq(value), settings::updated_at.eq(now)))
+            .execute(conn)?;
+        if updated == 0 {
+            diesel::insert_into(settings::table)
+                .values((
+                    settings::key.eq(key),
+                    settings::value.eq(value),
+                    settings::updated_at.eq(now),
+                ))
+                .execute(conn)?;
+        }
+        Ok(())
+    })
+}
+
+pub fn delete(conn: &mut DbConn, key: &str) -> Result<bool, StoreError> {
+    Ok(diesel::delete(settings::table.find(key)).execute(conn)? > 0)
+}
