@@ -1,0 +1,70 @@
+//! The HTTP front door (actix-web). One route table ([`configure`]); handlers are thin.
+//!
+//! This issue serves only the operations endpoints `/healthz` and `/readyz`.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+
+use crate::store::Store;
+
+/// What handlers share. Cloned into every worker.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    /// `None` when Redis is off (`redis.host` empty).
+    pub redis: Option<redis::Client>,
+}
+
+/// How long a readiness probe waits for each dependency.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz));
+}
+
+/// Alive: the process answers.
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+#[derive(Debug, Serialize)]
+struct Readiness {
+    ready: bool,
+    database: String,
+    redis: String,
+}
+
+/// Ready when the database answers; Redis is reported but does not make the gateway unready
+/// (it degrades to memory-only state).
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let store = state.store.clone();
+    let database = match tokio::time::timeout(PROBE_TIMEOUT, web::block(move || store.ping())).await
+    {
+        Ok(Ok(Ok(()))) => "ok".to_string(),
+        Ok(Ok(Err(e))) => format!("error: {e}"),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => format!("error: no answer within {PROBE_TIMEOUT:?}"),
+    };
+    let redis = match &state.redis {
+        None => "disabled".to_string(),
+        Some(client) => match crate::sync::ping(client, PROBE_TIMEOUT).await {
+            Ok(()) => "ok".to_string(),
+            Err(problem) => format!("down: {problem}"),
+        },
+    };
+    let ready = database == "ok";
+    let body = Readiness {
+        ready,
+        database,
+        redis,
+    };
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}

@@ -1,0 +1,28 @@
+//! quotagate: a quota and account-pool gateway for LLM APIs.
+//!
+//! Module map (I/O stays at the edges; `domain` is pure):
+//! - [`config`]: `config.yaml` + environment overrides, validated once at start.
+//! - [`domain`]: plain types and pure logic (limits, windows, quotas, selection). No I/O.
+//! - [`secrets`]: secret strings, URL redaction, credential encryption, hashed tokens.
+//! - [`store`]: diesel over Postgres and embedded SQLite; migrations; queries as plain functions.
+//! - [`manage`]: management operations shared by the CLI and the admin API.
+//! - [`provision`]: upserts the providers declared in `config.yaml`.
+//! - [`sync`]: the Redis link.
+//! - [`http`]: the actix-web front door.
+//! - [`server`]: `quotagate serve`: start-up, first-start secrets, signals.
+//! - [`doctor`]: `quotagate doctor`: diagnoses config, database, Redis and providers.
+//! - [`cli`]: the command line.
+//! - [`logging`]: JSON-lines or text logs from the `log` crate's key-values.
+
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod domain;
+pub mod http;
+pub mod logging;
+pub mod manage;
+pub mod provision;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod sync;

@@ -1,0 +1,138 @@
+//! `quotagate serve`: opens the store, makes sure the secrets exist, applies the declared
+//! providers, and runs the HTTP server until SIGTERM/SIGINT.
+
+use actix_web::{web, App, HttpServer};
+
+use crate::cli::open_store;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::manage;
+use crate::provision;
+use crate::secrets::{self, KeyOrigin, MasterKey};
+use crate::store::{keys, settings, Store, StoreError};
+
+/// Runs the server on its own actix system; returns when it has stopped.
+pub fn run(config: Config) -> Result<(), String> {
+    actix_web::rt::System::new().block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let store = open_store(&config).map_err(|e| e.to_string())?;
+    let (master_key, origin) =
+        MasterKey::load_or_generate(&config.security.master_key, &config.data_dir)
+            .map_err(|e| e.to_string())?;
+    if let KeyOrigin::Generated(path) = &origin {
+        log::warn!(
+            path:% = path.display();
+            "generated a new master key for credentials; back up this file: without it the stored \
+             credentials cannot be decrypted"
+        );
+    }
+    hand_out_first_secrets(&store, &config).map_err(|e| e.to_string())?;
+    let report = provision::apply(
+        &mut *store.conn().map_err(|e| e.to_string())?,
+        &master_key,
+        &config.providers,
+    )
+    .map_err(|e| format!("applying the providers of {}: {e}", config.path.display()))?;
+    log::info!(
+        providers_created = report.providers_created,
+        providers_updated = report.providers_updated,
+        providers_deactivated = report.providers_deactivated,
+        accounts_created = report.accounts_created,
+        accounts_updated = report.accounts_updated,
+        accounts_deactivated = report.accounts_deactivated;
+        "applied the providers declared in the config"
+    );
+
+    let redis = crate::sync::client(&config.redis).map_err(|e| e.to_string())?;
+    let state = AppState { store, redis };
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .configure(http::configure)
+    })
+    .workers(workers)
+    // We handle signals ourselves: actix-server treats SIGINT as a forced stop.
+    .disable_signals()
+    .shutdown_timeout(config.server.shutdown_grace.as_secs())
+    .bind((config.server.host.as_str(), config.server.port))
+    .map_err(|e| {
+        format!(
+            "cannot listen on {}:{}: {e} (server.host / server.port)",
+            config.server.host, config.server.port
+        )
+    })?
+    .run();
+    let addrs = format!("{}:{}", config.server.host, config.server.port);
+    log::info!(address = addrs.as_str(), workers = workers, database = state_url(&config).as_str(); "quotagate is listening");
+
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        log::info!(event = "shutdown"; "stopping: finishing requests in flight (a second signal stops at once)");
+        let graceful = handle.stop(true);
+        actix_web::rt::spawn(async {
+            wait_for_signal().await;
+            log::warn!(event = "shutdown"; "second signal: exiting now");
+            std::process::exit(130);
+        });
+        graceful.await;
+    });
+    server.await.map_err(|e| e.to_string())?;
+    log::info!(event = "shutdown"; "stopped");
+    Ok(())
+}
+
+fn state_url(config: &Config) -> String {
+    crate::store::ConnectionFactory::new(config.database_backend()).display_url()
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A first start with no admin token configured and no client key yet: make both and print them
+/// once on stdout (never through the logger), so the quick start needs no setup step.
+fn hand_out_first_secrets(store: &Store, config: &Config) -> Result<(), StoreError> {
+    let mut conn = store.conn()?;
+    if config.security.admin_token.is_empty()
+        && settings::get(&mut conn, settings::ADMIN_TOKEN_HASH)?.is_none()
+    {
+        let token = secrets::generate_token(manage::ADMIN_TOKEN_PREFIX);
+        settings::put(
+            &mut conn,
+            settings::ADMIN_TOKEN_HASH,
+            &secrets::hash_token(token.expose()),
+        )?;
+        println!("quotagate: generated an admin token (shown only now; `quotagate admin-token rotate` makes a new one):");
+        println!("  admin token: {}", token.expose());
+    }
+    if keys::list(&mut conn)?.is_empty() {
+        let (created, token) = manage::create_key(&mut conn, "default", "default")?;
+        println!(
+            "quotagate: generated client key `{}` for user `{}` (shown only now):",
+            created.key.name, created.user_name
+        );
+        println!("  client key: {}", token.expose());
+    }
+    Ok(())
+}
