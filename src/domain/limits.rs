@@ -145,16 +145,38 @@ pub struct LimitSpec {
 }
 
 impl LimitSpec {
-    /// The seed's name for this limit when it has one (`rpm`, `tpd`, …), else `requests/2s`-style.
+    /// The seed's name for this limit when it has one (`rpm`, `tpd`, …), else `requests/2s`-style;
+    /// a fixed window adds `:fixed` (so a sliding and a fixed window never share a name).
     pub fn label(&self) -> String {
-        match NamedLimit::from_parts(self.kind, self.per) {
+        let base = match NamedLimit::from_parts(self.kind, self.per) {
             Some(named) => named.as_str().to_string(),
             None => match self.per {
                 Some(per) => format!("{}/{}", self.kind, humantime::format_duration(per)),
                 None => self.kind.to_string(),
             },
+        };
+        if self.reset.is_some() {
+            format!("{base}:fixed")
+        } else {
+            base
         }
     }
+}
+
+/// `base` with `overrides` applied: an override replaces the limit of the same kind and window
+/// length (sliding or fixed alike); others are added. This is how an account's limits override its
+/// provider's.
+pub fn apply_overrides(mut base: Vec<LimitSpec>, overrides: &[LimitSpec]) -> Vec<LimitSpec> {
+    for spec in overrides {
+        match base
+            .iter_mut()
+            .find(|s| s.kind == spec.kind && s.per == spec.per)
+        {
+            Some(existing) => *existing = spec.clone(),
+            None => base.push(spec.clone()),
+        }
+    }
+    base
 }
 
 /// How a pool picks among accounts that have room.

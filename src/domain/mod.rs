@@ -5,3 +5,13 @@
 pub mod limits;
 
 pub use limits::{FixedReset, LimitKind, LimitScope, LimitSpec, NamedLimit, Strategy, Tokenizer};
+pub mod account;
+pub mod quota;
+pub mod refusal;
+pub mod schedule;
+pub mod selection;
+pub mod time;
+pub mod window;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1032 @@
+//! One account's whole live state and the operations on it: reserve, commit, release, renew,
+//! expire, upstream feedback (cooldown, circuit breaker, header tightening), reset, and the
+//! persisted snapshot. Every operation takes `now`; none does I/O.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::limits::{LimitKind, LimitSpec, NamedLimit};
+use super::quota::{Quota, QuotaCounters, QuotaEvent};
+use super::schedule::Schedule;
+use super::time::Millis;
+use super::window::{Block, Window, WindowCounters};
+
+/// Consecutive failures that open the circuit.
+pub const FAILURE_STREAK: u32 = 3;
+/// First open period of the circuit; doubles on each failed probe.
+pub const BASE_BACKOFF_MS: Millis = 5_000;
+pub const MAX_BACKOFF_MS: Millis = 300_000;
+/// Cooldown after an upstream 429 that gave no `retry-after`.
+pub const DEFAULT_COOLDOWN_MS: Millis = 1_000;
+/// Weight of the newest sample in the latency and error averages.
+const EWMA_WEIGHT: f64 = 0.2;
+
+/// A model name that makes `reserve` panic, to test the actors' panic isolation.
+#[cfg(feature = "fault-injection")]
+pub const PANIC_MODEL: &str = "quotagate-test-panic";
+
+/// Everything needed to build an account's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountSpec {
+    pub id: Arc<str>,
+    pub active: bool,
+    pub disabled_reason: Option<String>,
+    pub expires_at: Option<Millis>,
+    /// Tokens per quota period; 0 = unlimited.
+    pub quota_limit: u64,
+    /// Usage already recorded this period (from the store).
+    pub quota_used: u64,
+    pub quota_schedule: Schedule,
+    pub warning_threshold: f64,
+    /// Effective limits (the account's overrides applied): `None` model = every model.
+    pub limits: Vec<(Option<Arc<str>>, LimitSpec)>,
+    /// Which windows the upstream's `x-ratelimit-*` headers describe.
+    pub header_requests: Option<NamedLimit>,
+    pub header_tokens: Option<NamedLimit>,
+}
+
+/// A reservation granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub reservation: u64,
+    pub deadline: Millis,
+    /// Smallest remainder over the request windows after this reservation (`None`: no window).
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+}
+
+/// Why an account refuses a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// Disabled by an operator, by the config, or after an upstream 401/403.
+    Disabled {
+        reason: Option<String>,
+    },
+    Expired,
+    /// The request needs more than a limit allows at all: it can never pass here.
+    Impossible {
+        limit: Arc<str>,
+        limit_value: u64,
+        need: u64,
+    },
+    QuotaExceeded {
+        reset_at: Millis,
+    },
+    /// Held by a rate limit, a cooldown or the circuit breaker until `retry_at`; a lower bound
+    /// when in-flight work decides the real time.
+    RateLimited {
+        limit: Arc<str>,
+        retry_at: Millis,
+        lower_bound: bool,
+    },
+}
+
+/// What a settled request used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// The upstream reported this many tokens (prompt + completion).
+    Reported(u64),
+    /// The upstream answered with an error: its request slot counts, no tokens.
+    RequestOnly,
+    /// The outcome is unknown (timeout, broken connection, expiry, shutdown): the estimate.
+    Estimate,
+}
+
+/// How the upstream answered, for health and cooldown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    Success,
+    /// 429: cool down for `retry_after_ms` (or a default).
+    RateLimited {
+        retry_after_ms: Option<Millis>,
+    },
+    /// 401/403: the key is not accepted; the account is disabled.
+    Unauthorized,
+    /// 5xx, connection error, timeout.
+    Failure,
+}
+
+/// The upstream's `x-ratelimit-*` headers, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateHeaders {
+    pub requests_remaining: Option<u64>,
+    pub requests_reset_ms: Option<Millis>,
+    pub tokens_remaining: Option<u64>,
+    pub tokens_reset_ms: Option<Millis>,
+}
+
+/// Feedback from one upstream answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feedback {
+    pub outcome: UpstreamOutcome,
+    pub latency_ms: u64,
+    pub headers: RateHeaders,
+}
+
+/// Something worth telling subscribers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AccountEvent {
+    QuotaWarning {
+        used: u64,
+        limit: u64,
+        fraction: f64,
+    },
+    QuotaExhausted {
+        used: u64,
+        limit: u64,
+    },
+    QuotaReset {
+        previous_used: u64,
+    },
+    Cooldown {
+        until: Millis,
+        reason: &'static str,
+    },
+    Disabled {
+        reason: String,
+    },
+    Expired,
+}
+
+impl From<QuotaEvent> for AccountEvent {
+    fn from(e: QuotaEvent) -> Self {
+        match e {
+            QuotaEvent::Warning {
+                used,
+                limit,
+                fraction,
+            } => AccountEvent::QuotaWarning {
+                used,
+                limit,
+                fraction,
+            },
+            QuotaEvent::Exhausted { used, limit } => AccountEvent::QuotaExhausted { used, limit },
+            QuotaEvent::Reset { previous_used } => AccountEvent::QuotaReset { previous_used },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Reservation {
+    estimate: u64,
+    model: Arc<str>,
+    /// Bit `i` set: counted in `windows[i]`.
+    mask: u64,
+    reserved_at: Millis,
+    deadline: Millis,
+    /// The one request a half-open circuit lets through.
+    probe: bool,
+}
+
+/// The circuit breaker: closed (normal), open until a time, or half-open (one probe at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Circuit {
+    Closed,
+    Open { until: Millis, backoff: Millis },
+    HalfOpen { probing: bool, backoff: Millis },
+}
+
+/// The seed's `QuotaStatus`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuotaStatus {
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub current_usage: u64,
+    pub limit: u64,
+    pub usage_percent: f64,
+    pub reset_at: Millis,
+}
+
+/// The seed's per-limit `GetStats`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WindowStats {
+    pub limit_type: String,
+    pub limit: u64,
+    pub current: u64,
+    pub in_flight: u64,
+    pub window_start: Millis,
+    /// Seconds until one more request (of one unit) could pass; 0 when it can now.
+    pub retry_after: f64,
+}
+
+/// What the pool needs to order its candidates, refreshed with every reply.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Summary {
+    pub available: bool,
+    pub quota_fraction: f64,
+    /// Smallest remaining fraction over the account-wide windows (1 = empty).
+    pub headroom: f64,
+    pub error_rate: f64,
+    pub latency_ms: f64,
+    pub inflight: u64,
+}
+
+/// The persisted state of an account (JSON in `account_state` and Redis).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AccountState {
+    pub version: u64,
+    pub saved_at: Millis,
+    pub quota: QuotaCounters,
+    /// Window counters by label.
+    pub windows: Vec<(String, WindowCounters)>,
+    pub cooldown_until: Millis,
+    pub circuit: Option<Circuit>,
+    pub failures: u32,
+    /// Reservations in flight when saved (estimate, model): a restore commits them at their
+    /// estimate.
+    pub in_flight: Vec<(u64, String)>,
+    /// Highest requests and tokens admitted in one sync interval (for the crash-gap charge).
+    pub peak_requests: u64,
+    pub peak_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    id: Arc<str>,
+    active: bool,
+    disabled_reason: Option<String>,
+    expires_at: Option<Millis>,
+    expiry_reported: bool,
+    quota: Quota,
+    windows: Vec<Window>,
+    concurrent: Option<u64>,
+    inflight: u64,
+    reservations: HashMap<u64, Reservation>,
+    next_reservation: u64,
+    cooldown_until: Millis,
+    circuit: Circuit,
+    failures: u32,
+    consecutive_429: u32,
+    latency_ewma: f64,
+    error_ewma: f64,
+    header_requests: Option<usize>,
+    header_tokens: Option<usize>,
+    /// Increases with every change; the higher version wins on restore.
+    version: u64,
+    peak: Peak,
+}
+
+/// Highest admissions per interval, kept for the crash-gap charge.
+#[derive(Debug, Clone, Copy, Default)]
+struct Peak {
+    interval: Millis,
+    start: Millis,
+    requests: u64,
+    tokens: u64,
+    peak_requests: u64,
+    peak_tokens: u64,
+}
+
+impl Peak {
+    fn add(&mut self, requests: u64, tokens: u64, now: Millis) {
+        if self.interval > 0 && now >= self.start + self.interval {
+            self.start = now - (now - self.start) % self.interval;
+            self.requests = 0;
+            self.tokens = 0;
+        }
+        self.requests += requests;
+        self.tokens += tokens;
+        self.peak_requests = self.peak_requests.max(self.requests);
+        self.peak_tokens = self.peak_tokens.max(self.tokens);
+    }
+}
+
+impl Account {
+    pub fn new(spec: &AccountSpec, now: Millis) -> Result<Account, String> {
+        let mut windows = Vec::new();
+        let mut concurrent = None;
+        for (model, limit) in &spec.limits {
+            match Window::new(limit, model.clone(), now)? {
+                Some(w) => windows.push(w),
+                None => {
+                    concurrent = Some(concurrent.map_or(limit.limit, |c: u64| c.min(limit.limit)))
+                }
+            }
+        }
+        if windows.len() > 64 {
+            return Err(format!(
+                "account {} has {} windows (at most 64)",
+                spec.id,
+                windows.len()
+            ));
+        }
+        let find = |named: Option<NamedLimit>| {
+            named.and_then(|n| {
+                windows.iter().position(|w| {
+                    w.model().is_none()
+                        && w.kind() == n.kind()
+                        && Some(w.per_ms()) == n.per().map(|p| p.as_millis() as i64)
+                })
+            })
+        };
+        let header_requests = find(spec.header_requests);
+        let header_tokens = find(spec.header_tokens);
+        Ok(Account {
+            id: spec.id.clone(),
+            active: spec.active,
+            disabled_reason: spec.disabled_reason.clone(),
+            expires_at: spec.expires_at,
+            expiry_reported: false,
+            quota: Quota::new(
+                spec.quota_limit,
+                spec.quota_used,
+                spec.quota_schedule.clone(),
+                spec.warning_threshold,
+                now,
+            ),
+            windows,
+            concurrent,
+            inflight: 0,
+            reservations: HashMap::new(),
+            next_reservation: 1,
+            cooldown_until: 0,
+            circuit: Circuit::Closed,
+            failures: 0,
+            consecutive_429: 0,
+            latency_ewma: 0.0,
+            error_ewma: 0.0,
+            header_requests,
+            header_tokens,
+            version: 0,
+            peak: Peak::default(),
+        })
+    }
+
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.inflight
+    }
+
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    /// The earliest deadline of an unsettled reservation.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.reservations.values().map(|r| r.deadline).min()
+    }
+
+    /// Sets how long the peak-rate intervals are (the sync interval).
+    pub fn set_peak_interval(&mut self, interval: Millis) {
+        self.peak.interval = interval.max(1);
+    }
+
+    fn touch(&mut self) {
+        self.version += 1;
+    }
+
+    /// Brings periods and windows up to `now`; returns the events that produced.
+    pub fn roll(&mut self, now: Millis, events: &mut Vec<AccountEvent>) {
+        if let Some(e) = self.quota.roll(now) {
+            events.push(e.into());
+            self.touch();
+        }
+        for w in &mut self.windows {
+            w.roll(now);
+        }
+        if let Circuit::Open { until, backoff } = self.circuit {
+            if now >= until {
+                self.circuit = Circuit::HalfOpen {
+                    probing: false,
+                    backoff,
+                };
+            }
+        }
+        if !self.expiry_reported && self.expires_at.is_some_and(|t| now >= t) {
+            self.expiry_reported = true;
+            events.push(AccountEvent::Expired);
+        }
+    }
+
+    /// Reserves `estimate` tokens and one request slot in every window that applies to `model`,
+    /// plus a concurrency slot: all or nothing.
+    pub fn reserve(
+        &mut self,
+        model: &str,
+        estimate: u64,
+        now: Millis,
+        timeout: Millis,
+        events: &mut Vec<AccountEvent>,
+    ) -> Result<Grant, Denial> {
+        #[cfg(feature = "fault-injection")]
+        if model == PANIC_MODEL {
+            // Mutate first, so a test can see that the state from before the message survives.
+            self.inflight += 1_000;
+            panic!("injected panic while reserving");
+        }
+        // Every request costs at least one token, so a full token window can never be passed.
+        let estimate = estimate.max(1);
+        self.roll(now, events);
+        self.admissible(model, estimate, now)?;
+        let mut probe = false;
+        if let Circuit::HalfOpen {
+            probing: false,
+            backoff,
+        } = self.circuit
+        {
+            self.circuit = Circuit::HalfOpen {
+                probing: true,
+                backoff,
+            };
+            probe = true;
+        }
+        let mut mask = 0u64;
+        let (mut remaining_requests, mut remaining_tokens) = (None::<u64>, None::<u64>);
+        for (i, w) in self.windows.iter_mut().enumerate() {
+            if !w.applies_to(model) {
+                continue;
+            }
+            mask |= 1 << i;
+            let units = units(w.kind(), 1, estimate);
+            w.reserve(units);
+            let left = w.remaining(now);
+            let slot = match w.kind() {
+                LimitKind::Requests => &mut remaining_requests,
+                _ => &mut remaining_tokens,
+            };
+            *slot = Some(slot.map_or(left, |s| s.min(left)));
+        }
+        self.quota.reserve(estimate);
+        self.inflight += 1;
+        self.peak.add(1, estimate, now);
+        let id = self.next_reservation;
+        self.next_reservation += 1;
+        let deadline = now.saturating_add(timeout);
+        self.reservations.insert(
+            id,
+            Reservation {
+                estimate,
+                model: Arc::from(model),
+                mask,
+                reserved_at: now,
+                deadline,
+                probe,
+            },
+        );
+        self.touch();
+        Ok(Grant {
+            reservation: id,
+            deadline,
+            remaining_requests,
+            remaining_tokens,
+        })
+    }
+
+    /// Whether a reservation would pass now, without taking it (the seed's `CheckAvailability`).
+    /// Call [`Account::roll`] first.
+    pub fn admissible(&self, model: &str, estimate: u64, now: Millis) -> Result<(), Denial> {
+        if !self.active {
+            return Err(Denial::Disabled {
+                reason: self.disabled_reason.clone(),
+            });
+        }
+        if self.expires_at.is_some_and(|t| now >= t) {
+            return Err(Denial::Expired);
+        }
+        // A request that can never pass here says so, whatever else holds the account now.
+        let quota = self.quota.check(estimate);
+        if quota == Err(true) {
+            return Err(Denial::Impossible {
+                limit: Arc::from("quota"),
+                limit_value: self.quota.limit,
+                need: estimate,
+            });
+        }
+        for w in self.windows.iter().filter(|w| w.applies_to(model)) {
+            let need = units(w.kind(), 1, estimate);
+            if need > w.limit() {
+                return Err(Denial::Impossible {
+                    limit: w.label().clone(),
+                    limit_value: w.limit(),
+                    need,
+                });
+            }
+        }
+        if quota == Err(false) {
+            return Err(Denial::QuotaExceeded {
+                reset_at: self.quota.reset_at(),
+            });
+        }
+        // The latest block names the time; it is a lower bound when any block is one, since
+        // in-flight work may hold longer than the others' times.
+        let mut held: Option<(Arc<str>, Millis, bool)> = None;
+        let mut hold = |label: &Arc<str>, at: Millis, lower: bool| match held.as_mut() {
+            Some((_, t, l)) if at <= *t => *l |= lower,
+            Some((_, _, l)) => held = Some((label.clone(), at, *l || lower)),
+            None => held = Some((label.clone(), at, lower)),
+        };
+        for w in self.windows.iter().filter(|w| w.applies_to(model)) {
+            match w.check(units(w.kind(), 1, estimate), now) {
+                Ok(()) => {}
+                Err(Block::Impossible { limit, need }) => {
+                    return Err(Denial::Impossible {
+                        limit: w.label().clone(),
+                        limit_value: limit,
+                        need,
+                    })
+                }
+                Err(Block::Full {
+                    retry_at,
+                    lower_bound,
+                }) => hold(w.label(), retry_at, lower_bound),
+            }
+        }
+        if now < self.cooldown_until {
+            hold(&Arc::from("cooldown"), self.cooldown_until, false);
+        }
+        match self.circuit {
+            Circuit::Open { until, .. } if now < until => {
+                hold(&Arc::from("circuit_open"), until, false)
+            }
+            Circuit::HalfOpen { probing: true, .. } => hold(
+                &Arc::from("circuit_probe"),
+                now + self.expected_latency(now),
+                true,
+            ),
+            _ => {}
+        }
+        if let Some(limit) = self.concurrent {
+            if self.inflight >= limit {
+                hold(
+                    &Arc::from("concurrent"),
+                    now + self.expected_latency(now),
+                    true,
+                );
+            }
+        }
+        match held {
+            None => Ok(()),
+            Some((limit, retry_at, lower_bound)) => Err(Denial::RateLimited {
+                limit,
+                retry_at,
+                lower_bound,
+            }),
+        }
+    }
+
+    /// A guess at when the oldest request in flight finishes: the average latency less its age,
+    /// at least 50 ms. Only used as a lower-bound hint.
+    fn expected_latency(&self, now: Millis) -> Millis {
+        let oldest = self.reservations.values().map(|r| r.reserved_at).min();
+        let age = oldest.map_or(0, |t| now - t);
+        (self.latency_ewma as Millis - age).max(50)
+    }
+
+    /// Settles a reservation with what it used; `false` when it was already settled (e.g.
+    /// expired), which is not an error.
+    pub fn commit(
+        &mut self,
+        reservation: u64,
+        usage: Usage,
+        now: Millis,
+        events: &mut Vec<AccountEvent>,
+    ) -> bool {
+        self.roll(now, events);
+        let Some(r) = self.reservations.remove(&reservation) else {
+            return false;
+        };
+        let tokens = match usage {
+            Usage::Reported(t) => t,
+            Usage::RequestOnly => 0,
+            Usage::Estimate => r.estimate,
+        };
+        for (i, w) in self.windows.iter_mut().enumerate() {
+            if r.mask & (1 << i) != 0 {
+                w.commit(
+                    units(w.kind(), 1, r.estimate),
+                    units(w.kind(), 1, tokens),
+                    now,
+                );
+            }
+        }
+        let mut quota_events = Vec::new();
+        self.quota.commit(r.estimate, tokens, &mut quota_events);
+        events.extend(quota_events.into_iter().map(AccountEvent::from));
+        self.inflight = self.inflight.saturating_sub(1);
+        if r.probe {
+            self.end_probe();
+        }
+        self.touch();
+        true
+    }
+
+    /// Returns a reservation that never reached the upstream; `false` when unknown.
+    pub fn release(&mut self, reservation: u64) -> bool {
+        let Some(r) = self.reservations.remove(&reservation) else {
+            return false;
+        };
+        for (i, w) in self.windows.iter_mut().enumerate() {
+            if r.mask & (1 << i) != 0 {
+                w.release(units(w.kind(), 1, r.estimate));
+            }
+        }
+        self.quota.release(r.estimate);
+        self.inflight = self.inflight.saturating_sub(1);
+        if r.probe {
+            self.end_probe();
+        }
+        self.touch();
+        true
+    }
+
+    /// A probe that ended without feedback lets the next one through.
+    fn end_probe(&mut self) {
+        if let Circuit::HalfOpen {
+            probing: true,
+            backoff,
+        } = self.circuit
+        {
+            self.circuit = Circuit::HalfOpen {
+                probing: false,
+                backoff,
+            };
+        }
+    }
+
+    /// Extends a long stream's reservation; `false` when unknown.
+    pub fn renew(&mut self, reservation: u64, now: Millis, timeout: Millis) -> bool {
+        match self.reservations.get_mut(&reservation) {
+            Some(r) => {
+                r.deadline = now.saturating_add(timeout);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Commits every reservation past its deadline at its estimate; returns how many.
+    pub fn expire(&mut self, now: Millis, events: &mut Vec<AccountEvent>) -> usize {
+        let due: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &due {
+            self.commit(*id, Usage::Estimate, now, events);
+        }
+        due.len()
+    }
+
+    /// Applies an upstream answer: latency and error averages, cooldown after a 429, the circuit
+    /// breaker after failures, disabling after 401/403, and header tightening.
+    pub fn feedback(&mut self, fb: &Feedback, now: Millis, events: &mut Vec<AccountEvent>) {
+        let failed = matches!(fb.outcome, UpstreamOutcome::Failure);
+        self.latency_ewma = ewma(self.latency_ewma, fb.latency_ms as f64);
+        self.error_ewma = ewma(self.error_ewma, if failed { 1.0 } else { 0.0 });
+        match fb.outcome {
+            UpstreamOutcome::Success => {
+                self.failures = 0;
+                self.consecutive_429 = 0;
+                self.circuit = Circuit::Closed;
+            }
+            UpstreamOutcome::RateLimited { retry_after_ms } => {
+                self.consecutive_429 += 1;
+                let fallback = [fb.headers.requests_reset_ms, fb.headers.tokens_reset_ms]
+                    .into_iter()
+                    .flatten()
+                    .max();
+                let backoff = DEFAULT_COOLDOWN_MS << (self.consecutive_429 - 1).min(6);
+                let wait = retry_after_ms.or(fallback).unwrap_or(backoff).max(1);
+                let until = now + wait;
+                if until > self.cooldown_until {
+                    self.cooldown_until = until;
+                    events.push(AccountEvent::Cooldown {
+                        until,
+                        reason: "upstream_429",
+                    });
+                }
+            }
+            UpstreamOutcome::Unauthorized => {
+                if self.active {
+                    let reason = "upstream rejected the key (401/403)".to_string();
+                    self.active = false;
+                    self.disabled_reason = Some(reason.clone());
+                    events.push(AccountEvent::Disabled { reason });
+                }
+            }
+            UpstreamOutcome::Failure => {
+                self.failures += 1;
+                let open = match self.circuit {
+                    Circuit::Closed if self.failures >= FAILURE_STREAK => Some(BASE_BACKOFF_MS),
+                    Circuit::HalfOpen { backoff, .. } => Some((backoff * 2).min(MAX_BACKOFF_MS)),
+                    _ => None,
+                };
+                if let Some(backoff) = open {
+                    let until = now + backoff;
+                    self.circuit = Circuit::Open { until, backoff };
+                    events.push(AccountEvent::Cooldown {
+                        until,
+                        reason: "upstream_failures",
+                    });
+                }
+            }
+        }
+        let h = fb.headers;
+        for (target, remaining, reset) in [
+            (
+                self.header_requests,
+                h.requests_remaining,
+                h.requests_reset_ms,
+            ),
+            (self.header_tokens, h.tokens_remaining, h.tokens_reset_ms),
+        ] {
+            if let (Some(i), Some(remaining), Some(reset)) = (target, remaining, reset) {
+                self.windows[i].tighten(remaining, now + reset, now);
+            }
+        }
+        self.touch();
+    }
+
+    /// Records usage directly (the seed's `ConsumeQuota` + `RecordRequest`), without a reservation.
+    pub fn consume(
+        &mut self,
+        model: &str,
+        tokens: u64,
+        now: Millis,
+        events: &mut Vec<AccountEvent>,
+    ) {
+        self.roll(now, events);
+        for w in self.windows.iter_mut().filter(|w| w.applies_to(model)) {
+            w.record(units(w.kind(), 1, tokens), now);
+        }
+        let mut quota_events = Vec::new();
+        self.quota.record(tokens, &mut quota_events);
+        events.extend(quota_events.into_iter().map(AccountEvent::from));
+        self.peak.add(1, tokens, now);
+        self.touch();
+    }
+
+    /// An operator's reset: quota usage, windows, cooldown and circuit. Reservations in flight
+    /// stay (they will still be settled).
+    pub fn reset(&mut self, now: Millis, events: &mut Vec<AccountEvent>) {
+        events.push(self.quota.reset(now).into());
+        for w in &mut self.windows {
+            w.clear(now);
+        }
+        self.cooldown_until = 0;
+        self.circuit = Circuit::Closed;
+        self.failures = 0;
+        self.consecutive_429 = 0;
+        self.touch();
+    }
+
+    /// Changes what an operator may change at run time, keeping every counter. Windows whose
+    /// label survives keep their counters; in-flight units move with them.
+    pub fn update(&mut self, spec: &AccountSpec, now: Millis) -> Result<(), String> {
+        let mut next = Account::new(spec, now)?;
+        let saved = self.state(now);
+        next.quota.restore(&saved.quota, now);
+        next.quota.set_limit(spec.quota_limit);
+        for w in &mut next.windows {
+            if let Some((_, counters)) = saved.windows.iter().find(|(l, _)| **l == **w.label()) {
+                w.restore(counters, now);
+            }
+        }
+        next.reservations = std::mem::take(&mut self.reservations);
+        next.inflight = self.inflight;
+        next.next_reservation = self.next_reservation;
+        for r in next.reservations.values_mut() {
+            r.mask = 0;
+            for (i, w) in next.windows.iter_mut().enumerate() {
+                if w.applies_to(&r.model) {
+                    r.mask |= 1 << i;
+                    w.reserve(units(w.kind(), 1, r.estimate));
+                }
+            }
+            next.quota.reserve(r.estimate);
+        }
+        next.cooldown_until = self.cooldown_until;
+        next.circuit = self.circuit;
+        next.failures = self.failures;
+        next.consecutive_429 = self.consecutive_429;
+        next.latency_ewma = self.latency_ewma;
+        next.error_ewma = self.error_ewma;
+        next.version = self.version + 1;
+        next.peak = self.peak;
+        next.expiry_reported = self.expiry_reported && next.expires_at == self.expires_at;
+        *self = next;
+        Ok(())
+    }
+
+    /// The seed's `QuotaStatus`.
+    pub fn status(&self, now: Millis) -> QuotaStatus {
+        let reason = if !self.active {
+            Some(
+                self.disabled_reason
+                    .clone()
+                    .unwrap_or_else(|| "disabled".into()),
+            )
+        } else if self.expires_at.is_some_and(|t| now >= t) {
+            Some("expired".into())
+        } else if self.quota.is_exhausted() {
+            Some("quota_exceeded".into())
+        } else if now < self.cooldown_until {
+            Some("cooldown".into())
+        } else if matches!(self.circuit, Circuit::Open { until, .. } if now < until) {
+            Some("circuit_open".into())
+        } else {
+            None
+        };
+        QuotaStatus {
+            available: reason.is_none(),
+            reason,
+            current_usage: self.quota.used(),
+            limit: self.quota.limit,
+            usage_percent: self.quota.usage_fraction() * 100.0,
+            reset_at: self.quota.reset_at(),
+        }
+    }
+
+    /// Per-window statistics (the seed's `GetStats`), plus `concurrent`.
+    pub fn window_stats(&self, now: Millis) -> Vec<WindowStats> {
+        let mut stats: Vec<WindowStats> = self
+            .windows
+            .iter()
+            .map(|w| {
+                let retry_after = match w.check(1, now) {
+                    Ok(()) | Err(Block::Impossible { .. }) => 0.0,
+                    Err(Block::Full { retry_at, .. }) => (retry_at - now).max(0) as f64 / 1000.0,
+                };
+                WindowStats {
+                    limit_type: w.label().to_string(),
+                    limit: w.limit(),
+                    current: w.used(),
+                    in_flight: w.inflight(),
+                    window_start: w.window_start(now),
+                    retry_after,
+                }
+            })
+            .collect();
+        if let Some(limit) = self.concurrent {
+            stats.push(WindowStats {
+                limit_type: "concurrent".into(),
+                limit,
+                current: self.inflight,
+                in_flight: self.inflight,
+                window_start: now,
+                retry_after: if self.inflight >= limit {
+                    self.expected_latency(now) as f64 / 1000.0
+                } else {
+                    0.0
+                },
+            });
+        }
+        stats
+    }
+
+    /// What the pool orders candidates by.
+    pub fn summary(&self, now: Millis) -> Summary {
+        let headroom = self
+            .windows
+            .iter()
+            .filter(|w| w.model().is_none())
+            .map(|w| w.remaining(now) as f64 / w.limit().max(1) as f64)
+            .fold(1.0, f64::min);
+        Summary {
+            available: self.admissible_quick(now),
+            quota_fraction: self.quota.usage_fraction(),
+            headroom,
+            error_rate: self.error_ewma,
+            latency_ms: self.latency_ewma,
+            inflight: self.inflight,
+        }
+    }
+
+    fn admissible_quick(&self, now: Millis) -> bool {
+        self.active
+            && self.expires_at.is_none_or(|t| now < t)
+            && !self.quota.is_exhausted()
+            && now >= self.cooldown_until
+            && !matches!(self.circuit, Circuit::Open { until, .. } if now < until)
+    }
+
+    /// The persisted state.
+    pub fn state(&self, now: Millis) -> AccountState {
+        AccountState {
+            version: self.version,
+            saved_at: now,
+            quota: self.quota.counters(),
+            windows: self
+                .windows
+                .iter()
+                .map(|w| (w.label().to_string(), w.counters()))
+                .collect(),
+            cooldown_until: self.cooldown_until,
+            circuit: Some(self.circuit),
+            failures: self.failures,
+            in_flight: self
+                .reservations
+                .values()
+                .map(|r| (r.estimate, r.model.to_string()))
+                .collect(),
+            peak_requests: self.peak.peak_requests,
+            peak_tokens: self.peak.peak_tokens,
+        }
+    }
+
+    /// Restores a saved state. Reservations that were in flight are committed at their estimate
+    /// now (their answers may have been counted upstream at any moment until now). With
+    /// `gap = Some(ms)` (the process stopped without a clean mark), the unsynced interval is
+    /// charged conservatively: see [`Account::charge_gap`].
+    pub fn restore(&mut self, saved: &AccountState, now: Millis, gap: Option<Millis>) {
+        self.quota.restore(&saved.quota, now);
+        for w in &mut self.windows {
+            if let Some((_, counters)) = saved.windows.iter().find(|(l, _)| **l == **w.label()) {
+                w.restore(counters, now);
+            }
+        }
+        self.cooldown_until = saved.cooldown_until;
+        self.circuit = saved.circuit.unwrap_or(Circuit::Closed);
+        self.failures = saved.failures;
+        self.peak.peak_requests = saved.peak_requests;
+        self.peak.peak_tokens = saved.peak_tokens;
+        let mut events = Vec::new();
+        for (estimate, model) in &saved.in_flight {
+            self.consume(model, *estimate, now, &mut events);
+        }
+        if let Some(gap) = gap {
+            self.charge_gap(gap, now);
+        }
+        self.version = self.version.max(saved.version) + 1;
+    }
+
+    /// Charges what the account could at most have been admitted in `gap` ms without our
+    /// knowing, so that a restored state is never below the truth.
+    ///
+    /// Per kind (requests, tokens), the bound is the tightest account-wide window's room now
+    /// (units still held now were held through the whole gap) plus its full limit for every
+    /// further window length the gap spans; a kind without a window is bounded by the highest
+    /// amount admitted in one interval, times the intervals the gap spans. Each window is charged
+    /// the bound, capped at its room (no window ever held more than its limit of real units at
+    /// once, so a full window is the most the truth can be), as committed now — later than the
+    /// real commits, so the charge also expires no earlier than the truth. The quota is charged
+    /// the token bound.
+    pub fn charge_gap(&mut self, gap: Millis, now: Millis) {
+        let gap = gap.max(0);
+        let intervals = if self.peak.interval > 0 {
+            (gap / self.peak.interval + 1) as u64
+        } else {
+            1
+        };
+        let bound = |kind: LimitKind, peak: u64, windows: &[Window]| -> u64 {
+            windows
+                .iter()
+                .filter(|w| w.kind() == kind && w.model().is_none())
+                .map(|w| {
+                    let per = w.per_ms().max(1);
+                    let further_spans = (((gap + per - 1) / per).max(1) - 1) as u64;
+                    w.remaining(now)
+                        .saturating_add(w.limit().saturating_mul(further_spans))
+                })
+                .min()
+                .unwrap_or(peak.saturating_mul(intervals))
+        };
+        let requests = bound(LimitKind::Requests, self.peak.peak_requests, &self.windows);
+        let tokens = bound(LimitKind::Tokens, self.peak.peak_tokens, &self.windows);
+        for w in &mut self.windows {
+            let units = match w.kind() {
+                LimitKind::Requests => requests,
+                _ => tokens,
+            };
+            w.record(units.min(w.remaining(now)), now);
+        }
+        let mut events = Vec::new();
+        self.quota.record(tokens, &mut events);
+        self.touch();
+    }
+}
+
+/// Units a request of `tokens` takes in a window of `kind`.
+fn units(kind: LimitKind, requests: u64, tokens: u64) -> u64 {
+    match kind {
+        LimitKind::Requests => requests,
+        _ => tokens,
+    }
+}
+
+fn ewma(current: f64, sample: f64) -> f64 {
+    if current == 0.0 {
+        sample
+    } else {
+        current + EWMA_WEIGHT * (sample - current)
+    }
+}

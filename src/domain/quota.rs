@@ -1,0 +1,284 @@
+//! An account's token quota for the current period (the seed's `Manager`): `limit` tokens per
+//! period (0 = unlimited), reset on a schedule, with a warning and an exhaustion event each emitted
+//! once per period.
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::Schedule;
+use super::time::Millis;
+
+/// The persisted part of a quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct QuotaCounters {
+    pub used: u64,
+    pub period_start: Millis,
+    pub period_end: Millis,
+    pub warned: bool,
+    pub exhausted: bool,
+}
+
+/// What crossing a threshold produced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QuotaEvent {
+    Warning {
+        used: u64,
+        limit: u64,
+        fraction: f64,
+    },
+    Exhausted {
+        used: u64,
+        limit: u64,
+    },
+    Reset {
+        previous_used: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Quota {
+    /// Tokens per period; 0 = unlimited.
+    pub limit: u64,
+    /// Committed tokens this period.
+    used: u64,
+    /// Estimates of reservations not yet settled.
+    reserved: u64,
+    period_start: Millis,
+    period_end: Millis,
+    schedule: Schedule,
+    warning_threshold: f64,
+    warned: bool,
+    exhausted: bool,
+}
+
+impl Quota {
+    pub fn new(
+        limit: u64,
+        used: u64,
+        schedule: Schedule,
+        warning_threshold: f64,
+        now: Millis,
+    ) -> Quota {
+        let mut quota = Quota {
+            limit,
+            used,
+            reserved: 0,
+            period_start: schedule.previous_at_or_before(now),
+            period_end: schedule.next_after(now),
+            schedule,
+            warning_threshold,
+            warned: false,
+            exhausted: false,
+        };
+        // A restored usage that is already past a threshold must not fire again.
+        quota.warned = quota.past_warning();
+        quota.exhausted = quota.is_exhausted();
+        quota
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// When the current period ends (the seed's `ResetAt`).
+    pub fn reset_at(&self) -> Millis {
+        self.period_end
+    }
+
+    pub fn period_start(&self) -> Millis {
+        self.period_start
+    }
+
+    pub fn unlimited(&self) -> bool {
+        self.limit == 0
+    }
+
+    /// Used fraction of the limit (0 when unlimited).
+    pub fn usage_fraction(&self) -> f64 {
+        if self.unlimited() {
+            0.0
+        } else {
+            self.used as f64 / self.limit as f64
+        }
+    }
+
+    /// Tokens left this period, counting reservations; `u64::MAX` when unlimited.
+    pub fn remaining(&self) -> u64 {
+        if self.unlimited() {
+            u64::MAX
+        } else {
+            self.limit.saturating_sub(self.used + self.reserved)
+        }
+    }
+
+    pub fn is_exhausted(&self) -> bool {
+        !self.unlimited() && self.used >= self.limit
+    }
+
+    fn past_warning(&self) -> bool {
+        !self.unlimited() && self.usage_fraction() >= self.warning_threshold
+    }
+
+    /// Starts a new period when `now` reached the end of the current one.
+    pub fn roll(&mut self, now: Millis) -> Option<QuotaEvent> {
+        if now < self.period_end {
+            return None;
+        }
+        let previous_used = self.used;
+        self.used = 0;
+        self.warned = false;
+        self.exhausted = false;
+        self.period_start = self.schedule.previous_at_or_before(now);
+        self.period_end = self.schedule.next_after(now);
+        Some(QuotaEvent::Reset { previous_used })
+    }
+
+    /// Whether `need` more tokens fit (`Err(true)` when they never can).
+    pub fn check(&self, need: u64) -> Result<(), bool> {
+        if self.unlimited() {
+            return Ok(());
+        }
+        if need > self.limit {
+            return Err(true);
+        }
+        if self.used + self.reserved + need > self.limit {
+            return Err(false);
+        }
+        Ok(())
+    }
+
+    pub fn reserve(&mut self, tokens: u64) {
+        self.reserved += tokens;
+    }
+
+    pub fn release(&mut self, tokens: u64) {
+        self.reserved = self.reserved.saturating_sub(tokens);
+    }
+
+    /// Settles a reservation of `reserved` tokens that used `actual`; returns the thresholds it
+    /// crossed (each at most once per period).
+    pub fn commit(&mut self, reserved: u64, actual: u64, out: &mut Vec<QuotaEvent>) {
+        self.release(reserved);
+        self.record(actual, out);
+    }
+
+    /// Adds `tokens` as used (the seed's `ConsumeQuota`).
+    pub fn record(&mut self, tokens: u64, out: &mut Vec<QuotaEvent>) {
+        self.used = self.used.saturating_add(tokens);
+        if !self.warned && self.past_warning() {
+            self.warned = true;
+            out.push(QuotaEvent::Warning {
+                used: self.used,
+                limit: self.limit,
+                fraction: self.usage_fraction(),
+            });
+        }
+        if !self.exhausted && self.is_exhausted() {
+            self.exhausted = true;
+            out.push(QuotaEvent::Exhausted {
+                used: self.used,
+                limit: self.limit,
+            });
+        }
+    }
+
+    /// An operator's reset: usage to zero, a new period from now.
+    pub fn reset(&mut self, now: Millis) -> QuotaEvent {
+        let previous_used = self.used;
+        self.used = 0;
+        self.warned = false;
+        self.exhausted = false;
+        self.period_start = now;
+        self.period_end = self.schedule.next_after(now);
+        QuotaEvent::Reset { previous_used }
+    }
+
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+        self.warned = self.past_warning();
+        self.exhausted = self.is_exhausted();
+    }
+
+    pub fn counters(&self) -> QuotaCounters {
+        QuotaCounters {
+            used: self.used,
+            period_start: self.period_start,
+            period_end: self.period_end,
+            warned: self.warned,
+            exhausted: self.exhausted,
+        }
+    }
+
+    pub fn restore(&mut self, c: &QuotaCounters, now: Millis) {
+        self.used = c.used;
+        self.period_start = c.period_start;
+        self.period_end = c.period_end;
+        self.warned = c.warned;
+        self.exhausted = c.exhausted;
+        self.roll(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Millis = 86_400_000;
+
+    fn quota(limit: u64) -> Quota {
+        Quota::new(limit, 0, Schedule::daily_utc(), 0.8, 1_000)
+    }
+
+    #[test]
+    fn warning_and_exhaustion_fire_once_per_period() {
+        let mut q = quota(100);
+        let mut events = Vec::new();
+        q.record(79, &mut events);
+        assert!(events.is_empty());
+        q.record(1, &mut events);
+        assert!(matches!(events[..], [QuotaEvent::Warning { used: 80, .. }]));
+        q.record(30, &mut events);
+        assert_eq!(events.len(), 2);
+        assert!(matches!(
+            events[1],
+            QuotaEvent::Exhausted {
+                used: 110,
+                limit: 100
+            }
+        ));
+        q.record(5, &mut events);
+        assert_eq!(events.len(), 2, "no repeats within the period");
+
+        assert!(matches!(
+            q.roll(DAY),
+            Some(QuotaEvent::Reset { previous_used: 115 })
+        ));
+        assert_eq!(q.reset_at(), 2 * DAY);
+        q.record(90, &mut events);
+        assert_eq!(events.len(), 3, "a new period warns again");
+    }
+
+    #[test]
+    fn reservations_count_against_the_quota_until_settled() {
+        let mut q = quota(100);
+        q.reserve(60);
+        assert_eq!(q.check(50), Err(false));
+        assert_eq!(q.check(101), Err(true));
+        let mut events = Vec::new();
+        q.commit(60, 20, &mut events);
+        assert_eq!((q.used(), q.reserved()), (20, 0));
+        assert!(q.check(80).is_ok());
+    }
+
+    #[test]
+    fn an_unlimited_quota_admits_everything_and_still_counts() {
+        let mut q = quota(0);
+        assert!(q.check(u64::MAX / 2).is_ok());
+        q.record(5, &mut Vec::new());
+        assert_eq!(q.used(), 5);
+        assert_eq!(q.remaining(), u64::MAX);
+    }
+}

@@ -1,0 +1,594 @@
+//! The live state of one request or token window of one account.
+//!
+//! # The guarantee
+//! For a limit `N per W`, the upstream may count a request at any moment between our reservation
+//! `r` and its answer (our commit `c`). So a request *holds* its units from `r` until `c + W`
+//! (sliding), or in every period its span `[r, c]` overlaps (fixed). A reservation is admitted only
+//! when the units held now plus its own stay within `N`. For any upstream window, the last request
+//! admitted into it saw every other request of that window still holding, so no upstream window
+//! ever holds more than `N`.
+//!
+//! # Bounded memory
+//! Committed units of a sliding window are kept in at most [`BUCKETS_PER_WINDOW`] + 1 buckets: a
+//! commit's expiry `c + W` is rounded *up* to the next multiple of `W / 64`, and units expiring in
+//! the same bucket are summed. The error is conservative: a unit may be held up to `W / 64` longer
+//! than necessary (at most 1.6 % of the window), never shorter. In-flight units are one counter.
+//!
+//! # Upstream tightening
+//! An upstream's `x-ratelimit-remaining-*` / `-reset-*` headers add a temporary ceiling: until the
+//! reset, at most `remaining` more units. The ceiling only ever tightens the configured limit.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::limits::{LimitKind, LimitSpec};
+use super::schedule::Schedule;
+use super::time::{duration_ms, Millis};
+
+/// Sliding windows keep at most this many buckets (plus one partial).
+pub const BUCKETS_PER_WINDOW: i64 = 64;
+
+/// Units of a sliding window that expire together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// When these units stop being held.
+    pub end: Millis,
+    pub units: u64,
+}
+
+/// How a window forgets.
+#[derive(Debug, Clone, PartialEq)]
+enum Expiry {
+    /// Units expire `per` after their commit, rounded up to `bucket` ms.
+    Sliding { per: Millis, bucket: Millis },
+    /// Units expire when the period ends; periods start at the schedule's occurrences.
+    Fixed { schedule: Schedule },
+}
+
+/// A temporary ceiling learned from the upstream's rate-limit headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ceiling {
+    /// Units the upstream still allowed when it answered.
+    pub remaining: u64,
+    /// When the upstream's window resets.
+    pub until: Millis,
+    /// Units admitted since (and in flight at) the observation.
+    pub used: u64,
+}
+
+/// Why a window refuses now, and when it could admit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block {
+    /// The request needs more than the whole limit: it can never pass.
+    Impossible { limit: u64, need: u64 },
+    /// Full until `retry_at`; `lower_bound` when in-flight work decides the real time.
+    Full { retry_at: Millis, lower_bound: bool },
+}
+
+/// The persisted part of a window (see `AccountState`): counts, buckets and period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WindowCounters {
+    pub committed: u64,
+    pub buckets: Vec<Bucket>,
+    /// Fixed windows: when the current period ends.
+    pub period_end: Millis,
+    pub ceiling: Option<Ceiling>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Window {
+    kind: LimitKind,
+    limit: u64,
+    expiry: Expiry,
+    /// `rpm`, `requests/2s`, or `llama-70b:rpd` for a per-model limit.
+    label: Arc<str>,
+    /// The model this window applies to; `None` = every model.
+    model: Option<Arc<str>>,
+    /// Units of reservations not yet settled.
+    inflight: u64,
+    /// Sum of `buckets` (sliding) or of the current period (fixed).
+    committed: u64,
+    buckets: VecDeque<Bucket>,
+    period_end: Millis,
+    ceiling: Option<Ceiling>,
+}
+
+impl Window {
+    /// A window for `spec`, or `None` for `concurrent` (which is not a window). Fails on a bad
+    /// fixed-reset schedule or a window without a length.
+    pub fn new(
+        spec: &LimitSpec,
+        model: Option<Arc<str>>,
+        now: Millis,
+    ) -> Result<Option<Window>, String> {
+        if spec.kind == LimitKind::Concurrent {
+            return Ok(None);
+        }
+        let per = spec
+            .per
+            .map(duration_ms)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{} limit without a window length", spec.kind))?;
+        let (expiry, period_end) = match &spec.reset {
+            None => (
+                Expiry::Sliding {
+                    per,
+                    bucket: (per / BUCKETS_PER_WINDOW).max(1),
+                },
+                0,
+            ),
+            Some(reset) => {
+                let schedule = Schedule::new(&reset.cron, &reset.timezone)?;
+                let end = schedule.next_after(now);
+                (Expiry::Fixed { schedule }, end)
+            }
+        };
+        let label = match &model {
+            Some(m) => format!("{m}:{}", spec.label()),
+            None => spec.label(),
+        };
+        Ok(Some(Window {
+            kind: spec.kind,
+            limit: spec.limit,
+            expiry,
+            label: Arc::from(label),
+            model,
+            inflight: 0,
+            committed: 0,
+            buckets: VecDeque::new(),
+            period_end,
+            ceiling: None,
+        }))
+    }
+
+    pub fn kind(&self) -> LimitKind {
+        self.kind
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    pub fn model(&self) -> Option<&Arc<str>> {
+        self.model.as_ref()
+    }
+
+    /// Whether a request for `model` counts in this window.
+    pub fn applies_to(&self, model: &str) -> bool {
+        self.model.as_deref().is_none_or(|m| m == model)
+    }
+
+    /// The window's length (sliding) or current period length (fixed), in ms.
+    pub fn per_ms(&self) -> Millis {
+        match &self.expiry {
+            Expiry::Sliding { per, .. } => *per,
+            Expiry::Fixed { schedule } => {
+                (self.period_end - schedule.previous_at_or_before(self.period_end - 1)).max(1)
+            }
+        }
+    }
+
+    /// Units held now (committed and in flight).
+    pub fn used(&self) -> u64 {
+        self.committed.saturating_add(self.inflight)
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.inflight
+    }
+
+    /// Units that may still be admitted now (also under an upstream ceiling).
+    pub fn remaining(&self, now: Millis) -> u64 {
+        let mut room = self.limit.saturating_sub(self.used());
+        if let Some(c) = self.active_ceiling(now) {
+            room = room.min(c.remaining.saturating_sub(c.used));
+        }
+        room
+    }
+
+    /// Start of the current window: `now - W` (sliding) or the period start (fixed).
+    pub fn window_start(&self, now: Millis) -> Millis {
+        match &self.expiry {
+            Expiry::Sliding { per, .. } => now - per,
+            Expiry::Fixed { schedule } => schedule.previous_at_or_before(now),
+        }
+    }
+
+    /// Forgets what expired by `now`. Cheap when nothing did.
+    pub fn roll(&mut self, now: Millis) {
+        match &self.expiry {
+            Expiry::Sliding { .. } => {
+                while let Some(front) = self.buckets.front() {
+                    if front.end > now {
+                        break;
+                    }
+                    self.committed -= front.units;
+                    self.buckets.pop_front();
+                }
+            }
+            Expiry::Fixed { schedule } => {
+                if now >= self.period_end {
+                    // In-flight units stay counted: their span overlaps the new period too.
+                    self.committed = 0;
+                    self.period_end = schedule.next_after(now);
+                }
+            }
+        }
+        if self.ceiling.is_some_and(|c| now >= c.until) {
+            self.ceiling = None;
+        }
+    }
+
+    fn active_ceiling(&self, now: Millis) -> Option<&Ceiling> {
+        self.ceiling.as_ref().filter(|c| now < c.until)
+    }
+
+    /// Whether `need` more units fit now (call [`Window::roll`] first).
+    pub fn check(&self, need: u64, now: Millis) -> Result<(), Block> {
+        if need > self.limit {
+            return Err(Block::Impossible {
+                limit: self.limit,
+                need,
+            });
+        }
+        let used = self.used();
+        let mut block = None;
+        if used + need > self.limit {
+            block = Some(self.retry_at(used + need - self.limit, now));
+        }
+        if let Some(c) = self.active_ceiling(now) {
+            if c.used + need > c.remaining {
+                let at = Block::Full {
+                    retry_at: c.until,
+                    lower_bound: false,
+                };
+                block = Some(later(block, at));
+            }
+        }
+        match block {
+            None => Ok(()),
+            Some(b) => Err(b),
+        }
+    }
+
+    /// When `excess` units will have been freed.
+    fn retry_at(&self, excess: u64, now: Millis) -> Block {
+        match &self.expiry {
+            Expiry::Sliding { per, .. } => {
+                let mut freed = 0;
+                for bucket in &self.buckets {
+                    freed += bucket.units;
+                    if freed >= excess {
+                        return Block::Full {
+                            retry_at: bucket.end,
+                            lower_bound: false,
+                        };
+                    }
+                }
+                // In-flight units must be freed too: each will hold at least `per` after it is
+                // settled, and none is settled yet.
+                let last = self.buckets.back().map_or(now, |b| b.end);
+                Block::Full {
+                    retry_at: last.max(now + per),
+                    lower_bound: true,
+                }
+            }
+            Expiry::Fixed { .. } => Block::Full {
+                retry_at: self.period_end,
+                // Only committed units go at the reset; in-flight units still count in the next
+                // period, so the time is exact unless they alone leave no room for `need`
+                // (`inflight + need > limit`, i.e. `excess > committed`).
+                lower_bound: excess > self.committed,
+            },
+        }
+    }
+
+    /// Holds `units` for a new reservation (after a successful [`Window::check`]).
+    pub fn reserve(&mut self, units: u64) {
+        self.inflight += units;
+        if let Some(c) = self.ceiling.as_mut() {
+            c.used += units;
+        }
+    }
+
+    /// Settles a reservation of `reserved` units that really used `actual`, at `now`.
+    pub fn commit(&mut self, reserved: u64, actual: u64, now: Millis) {
+        self.inflight = self.inflight.saturating_sub(reserved);
+        if let Some(c) = self.ceiling.as_mut() {
+            // The ceiling counts what the upstream counts: correct it to the truth.
+            c.used = c.used.saturating_sub(reserved).saturating_add(actual);
+        }
+        if actual == 0 {
+            return;
+        }
+        self.committed += actual;
+        if let Expiry::Sliding { per, bucket } = self.expiry {
+            let end = round_up(now.saturating_add(per), bucket);
+            match self.buckets.back_mut() {
+                // Merging into a later bucket holds the units longer: conservative.
+                Some(last) if last.end >= end => last.units += actual,
+                _ => self.buckets.push_back(Bucket { end, units: actual }),
+            }
+        }
+    }
+
+    /// Returns the units of a reservation that never reached the upstream.
+    pub fn release(&mut self, reserved: u64) {
+        self.inflight = self.inflight.saturating_sub(reserved);
+        if let Some(c) = self.ceiling.as_mut() {
+            c.used = c.used.saturating_sub(reserved);
+        }
+    }
+
+    /// Adds units directly as committed at `now` (the seed's `RecordRequest` / `ConsumeQuota`).
+    pub fn record(&mut self, units: u64, now: Millis) {
+        self.commit(0, units, now);
+    }
+
+    /// Applies the upstream's word: `remaining` units until `until`. Never loosens: a ceiling is
+    /// only replaced by a tighter one (answers can arrive out of order, so a report with more room
+    /// is not proof of a new upstream window); it lapses at its own `until`.
+    pub fn tighten(&mut self, remaining: u64, until: Millis, now: Millis) {
+        if until <= now {
+            return;
+        }
+        let incoming = Ceiling {
+            remaining,
+            until,
+            // What is in flight now may not have been counted by the upstream yet.
+            used: self.inflight,
+        };
+        let replace = match self.active_ceiling(now) {
+            None => true,
+            Some(current) => {
+                let current_room = current.remaining.saturating_sub(current.used);
+                let new_room = incoming.remaining.saturating_sub(incoming.used);
+                new_room < current_room
+            }
+        };
+        if replace {
+            self.ceiling = Some(incoming);
+        }
+    }
+
+    /// Empties the window (an operator's reset).
+    pub fn clear(&mut self, now: Millis) {
+        self.committed = 0;
+        self.buckets.clear();
+        self.ceiling = None;
+        if let Expiry::Fixed { schedule } = &self.expiry {
+            self.period_end = schedule.next_after(now);
+        }
+    }
+
+    /// The persisted counters.
+    pub fn counters(&self) -> WindowCounters {
+        WindowCounters {
+            committed: self.committed,
+            buckets: self.buckets.iter().copied().collect(),
+            period_end: self.period_end,
+            ceiling: self.ceiling,
+        }
+    }
+
+    /// Restores persisted counters (in-flight units are not restored: see `AccountState`).
+    pub fn restore(&mut self, counters: &WindowCounters, now: Millis) {
+        self.buckets = counters.buckets.iter().copied().collect();
+        self.committed = match self.expiry {
+            Expiry::Sliding { .. } => self.buckets.iter().map(|b| b.units).sum(),
+            Expiry::Fixed { .. } => counters.committed,
+        };
+        if matches!(self.expiry, Expiry::Fixed { .. }) {
+            self.period_end = counters.period_end;
+        }
+        self.ceiling = counters.ceiling;
+        self.roll(now);
+    }
+}
+
+fn later(a: Option<Block>, b: Block) -> Block {
+    match (a, b) {
+        (
+            Some(Block::Full {
+                retry_at: ra,
+                lower_bound: la,
+            }),
+            Block::Full {
+                retry_at: rb,
+                lower_bound: lb,
+            },
+        ) => Block::Full {
+            retry_at: ra.max(rb),
+            // A block that is only a lower bound may outlast the other's time.
+            lower_bound: la || lb,
+        },
+        (Some(impossible @ Block::Impossible { .. }), _) => impossible,
+        (_, b) => b,
+    }
+}
+
+fn round_up(t: Millis, step: Millis) -> Millis {
+    let r = t.rem_euclid(step);
+    if r == 0 {
+        t
+    } else {
+        t + (step - r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::limits::FixedReset;
+
+    fn sliding(kind: LimitKind, limit: u64, per_ms: u64) -> Window {
+        let spec = LimitSpec {
+            kind,
+            limit,
+            per: Some(Duration::from_millis(per_ms)),
+            reset: None,
+        };
+        Window::new(&spec, None, 0).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_full_sliding_window_frees_its_units_one_window_after_their_commit() {
+        let mut w = sliding(LimitKind::Requests, 2, 64_000);
+        for t in [0, 10] {
+            w.roll(t);
+            w.check(1, t).unwrap();
+            w.reserve(1);
+        }
+        w.roll(20);
+        // In flight: blocked, and only a lower bound is known.
+        assert_eq!(
+            w.check(1, 20),
+            Err(Block::Full {
+                retry_at: 64_020,
+                lower_bound: true
+            })
+        );
+        w.commit(1, 1, 1_000);
+        w.commit(1, 1, 2_000);
+        w.roll(3_000);
+        assert_eq!(
+            w.check(1, 3_000),
+            Err(Block::Full {
+                retry_at: 65_000,
+                lower_bound: false
+            })
+        );
+        w.roll(64_999);
+        assert!(w.check(1, 64_999).is_err());
+        w.roll(65_000);
+        assert!(
+            w.check(1, 65_000).is_ok(),
+            "the first unit expired exactly at c + W"
+        );
+        assert_eq!(w.remaining(65_000), 1);
+    }
+
+    #[test]
+    fn buckets_round_expiry_up_never_down() {
+        let mut w = sliding(LimitKind::Requests, 10, 6_400); // bucket = 100 ms
+        w.reserve(1);
+        w.commit(1, 1, 1_001); // expires at 7_401 → rounded to 7_500
+        w.roll(7_499);
+        assert_eq!(w.used(), 1);
+        w.roll(7_500);
+        assert_eq!(w.used(), 0);
+    }
+
+    #[test]
+    fn memory_stays_bounded_however_many_commits() {
+        let mut w = sliding(LimitKind::Tokens, u64::MAX / 4, 86_400_000);
+        for i in 0..100_000 {
+            let now = i * 1_000;
+            w.roll(now);
+            w.reserve(10);
+            w.commit(10, 12, now);
+        }
+        assert!(w.counters().buckets.len() as i64 <= BUCKETS_PER_WINDOW + 1);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_limit_is_impossible() {
+        let w = sliding(LimitKind::Tokens, 100, 60_000);
+        assert_eq!(
+            w.check(101, 0),
+            Err(Block::Impossible {
+                limit: 100,
+                need: 101
+            })
+        );
+    }
+
+    #[test]
+    fn commits_correct_token_estimates_up_and_down() {
+        let mut w = sliding(LimitKind::Tokens, 100, 60_000);
+        w.reserve(50);
+        w.reserve(30);
+        assert_eq!(w.used(), 80);
+        w.commit(50, 10, 0);
+        assert_eq!(w.used(), 40);
+        w.commit(30, 45, 0);
+        assert_eq!(w.used(), 55);
+        w.release(0);
+        assert_eq!(w.inflight(), 0);
+    }
+
+    #[test]
+    fn a_fixed_window_resets_at_its_schedule_but_keeps_in_flight_units() {
+        let spec = LimitSpec {
+            kind: LimitKind::Requests,
+            limit: 2,
+            per: Some(Duration::from_secs(86_400)),
+            reset: Some(FixedReset {
+                cron: "0 0 * * *".into(),
+                timezone: "UTC".into(),
+            }),
+        };
+        let day = 86_400_000;
+        let mut w = Window::new(&spec, None, 10).unwrap().unwrap();
+        w.reserve(1);
+        w.commit(1, 1, 100);
+        w.reserve(1); // still in flight at midnight
+        w.roll(200);
+        assert_eq!(
+            w.check(1, 200),
+            Err(Block::Full {
+                retry_at: day,
+                lower_bound: false
+            })
+        );
+        w.roll(day);
+        assert_eq!(w.used(), 1, "the in-flight request overlaps the new period");
+        w.check(1, day).unwrap();
+        w.commit(1, 1, day + 5);
+        assert_eq!(w.used(), 1);
+    }
+
+    #[test]
+    fn upstream_headers_tighten_until_their_reset_and_never_loosen() {
+        let mut w = sliding(LimitKind::Requests, 100, 60_000);
+        w.tighten(1, 5_000, 0);
+        w.check(1, 0).unwrap();
+        w.reserve(1);
+        assert_eq!(
+            w.check(1, 1),
+            Err(Block::Full {
+                retry_at: 5_000,
+                lower_bound: false
+            })
+        );
+        // A looser report inside the same upstream window is ignored.
+        w.tighten(50, 5_000, 2);
+        assert!(w.check(1, 2).is_err());
+        w.roll(5_000);
+        w.check(1, 5_000).unwrap();
+        // Headers can never raise the configured limit.
+        w.tighten(1_000, 9_000, 5_000);
+        assert_eq!(w.remaining(5_000), 99);
+    }
+
+    #[test]
+    fn counters_survive_a_round_trip() {
+        let mut w = sliding(LimitKind::Requests, 5, 60_000);
+        w.reserve(1);
+        w.commit(1, 1, 1_000);
+        let saved = w.counters();
+        let mut fresh = sliding(LimitKind::Requests, 5, 60_000);
+        fresh.restore(&saved, 2_000);
+        assert_eq!(fresh.used(), 1);
+        fresh.roll(62_000);
+        assert_eq!(fresh.used(), 0);
+    }
+}
