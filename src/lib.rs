@@ -14,6 +14,7 @@
 //! - [`cli`]: the command line.
 //! - [`logging`]: JSON-lines or text logs from the `log` crate's key-values.
 
+pub mod actors;
 pub mod cli;
 pub mod config;
 pub mod doctor;
@@ -21,6 +22,7 @@ pub mod domain;
 pub mod http;
 pub mod logging;
 pub mod manage;
+pub mod metrics;
 pub mod provision;
 pub mod secrets;
 pub mod server;

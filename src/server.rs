@@ -1,7 +1,19 @@
 //! `quotagate serve`: opens the store, makes sure the secrets exist, applies the declared
 //! providers, and runs the HTTP server until SIGTERM/SIGINT.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
 use actix_web::{web, App, HttpServer};
+
+use crate::actors::catalog::{self, QuotaSettings};
+use crate::actors::supervisor::CatalogSource;
+use crate::actors::{QuotaSystem, RuntimeSettings};
+use crate::config::Arbiters;
+use crate::domain::schedule::Schedule;
+use crate::domain::time::SystemClock;
+use crate::metrics::Metrics;
 
 use crate::cli::open_store;
 use crate::config::Config;
@@ -45,8 +57,13 @@ async fn serve(config: Config) -> Result<(), String> {
         "applied the providers declared in the config"
     );
 
+    let runtime = start_runtime(&config, &store, &master_key).await?;
     let redis = crate::sync::client(&config.redis).map_err(|e| e.to_string())?;
-    let state = AppState { store, redis };
+    let state = AppState {
+        store,
+        redis,
+        runtime,
+    };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -86,6 +103,46 @@ async fn serve(config: Config) -> Result<(), String> {
     server.await.map_err(|e| e.to_string())?;
     log::info!(event = "shutdown"; "stopped");
     Ok(())
+}
+
+/// How often the runtime looks for catalog changes written by other processes (the CLI).
+const CATALOG_POLL: Duration = Duration::from_secs(2);
+
+/// Loads the catalog from the store and starts the actor runtime.
+async fn start_runtime(
+    config: &Config,
+    store: &Store,
+    key: &MasterKey,
+) -> Result<QuotaSystem, String> {
+    let quota = QuotaSettings {
+        schedule: Schedule::new(&config.quota.reset_cron, &config.quota.timezone)?,
+        warning_threshold: config.quota.warning_threshold,
+    };
+    let specs = {
+        let mut conn = store.conn().map_err(|e| e.to_string())?;
+        catalog::load(&mut conn, key, &quota).map_err(|e| e.to_string())?
+    };
+    let arbiters = match config.runtime.arbiters {
+        Arbiters::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Arbiters::Count(n) => n,
+    };
+    let webhook = config.notifications.webhook_url.trim();
+    let settings = RuntimeSettings {
+        clock: Arc::new(SystemClock),
+        arbiters,
+        reservation_timeout: config.sync.reservation_timeout,
+        peak_interval: config.sync.redis_interval,
+        quota: quota.clone(),
+        metrics: Metrics::new(),
+        webhook_url: (!webhook.is_empty()).then(|| webhook.to_string()),
+        source: Some(CatalogSource {
+            store: store.clone(),
+            key: key.clone(),
+            quota,
+            poll_every: CATALOG_POLL,
+        }),
+    };
+    QuotaSystem::start(settings, specs, HashMap::new(), None).await
 }
 
 fn state_url(config: &Config) -> String {

@@ -42,7 +42,6 @@ pub use providers::{
     AccountConfig, AuthConfig, Credentials, LimitValue, ModelConfig, Price, ProviderConfig,
     RateLimitHeaders, RateLimitsConfig, WindowConfig,
 };
-pub use validate::parse_cron;
 
 use crate::secrets::Secret;
 use error::Issue;

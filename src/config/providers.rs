@@ -166,17 +166,7 @@ impl RateLimitsConfig {
     /// kind and window length (sliding or fixed alike), others are added. This is how an account's
     /// `rate_limits` override its provider's.
     pub fn specs_overridden_by(&self, overrides: &RateLimitsConfig) -> Vec<LimitSpec> {
-        let mut specs = self.specs();
-        for spec in overrides.specs() {
-            match specs
-                .iter_mut()
-                .find(|s| s.kind == spec.kind && s.per == spec.per)
-            {
-                Some(existing) => *existing = spec,
-                None => specs.push(spec),
-            }
-        }
-        specs
+        crate::domain::limits::apply_overrides(self.specs(), &overrides.specs())
     }
 
     /// No limit at all (everything unlimited).

@@ -4,27 +4,14 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use croner::parser::{CronParser, Seconds, Year};
-
 use super::error::Issue;
 use super::providers::{AccountConfig, ModelConfig, ProviderConfig, RateLimitsConfig};
 use super::Config;
+use crate::domain::schedule::{parse_cron, parse_timezone};
 use crate::domain::LimitKind;
 use crate::secrets::MasterKey;
 
 const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-
-/// Parses a five-field cron expression (minute hour day-of-month month day-of-week), the dialect
-/// of every schedule in `config.yaml`. Seconds and years are refused so that `0 0 * * *` means
-/// the same to everyone reading the file.
-pub fn parse_cron(expression: &str) -> Result<croner::Cron, String> {
-    CronParser::builder()
-        .seconds(Seconds::Disallowed)
-        .year(Year::Disallowed)
-        .build()
-        .parse(expression)
-        .map_err(|e| format!("invalid cron expression `{expression}`: {e}"))
-}
 
 pub(super) fn validate(config: &Config) -> Result<(), Issue> {
     let check = |ok: bool, key: &str, problem: &str| {
@@ -317,12 +304,9 @@ fn cron(key: &str, expression: &str) -> Result<(), Issue> {
 }
 
 fn timezone(key: &str, name: &str) -> Result<(), Issue> {
-    name.parse::<chrono_tz::Tz>().map(drop).map_err(|_| {
-        Issue::new(
-            key,
-            format!("unknown timezone `{name}` (use an IANA name such as UTC or Europe/Rome)"),
-        )
-    })
+    parse_timezone(name)
+        .map(drop)
+        .map_err(|problem| Issue::new(key, problem))
 }
 
 /// Empty (no Redis) or `host:port`, as the seed writes it.

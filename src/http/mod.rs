@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
+use crate::actors::QuotaSystem;
 use crate::store::Store;
 
 /// What handlers share. Cloned into every worker.
@@ -15,6 +16,7 @@ pub struct AppState {
     pub store: Store,
     /// `None` when Redis is off (`redis.host` empty).
     pub redis: Option<redis::Client>,
+    pub runtime: QuotaSystem,
 }
 
 /// How long a readiness probe waits for each dependency.
@@ -36,6 +38,9 @@ struct Readiness {
     ready: bool,
     database: String,
     redis: String,
+    /// Pools and accounts loaded in the actor runtime.
+    pools: usize,
+    accounts: usize,
 }
 
 /// Ready when the database answers; Redis is reported but does not make the gateway unready
@@ -57,10 +62,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         },
     };
     let ready = database == "ok";
+    let registry = state.runtime.registry();
     let body = Readiness {
         ready,
         database,
         redis,
+        pools: registry.providers().len(),
+        accounts: registry.accounts().len(),
     };
     if ready {
         HttpResponse::Ok().json(body)

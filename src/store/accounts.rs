@@ -47,7 +47,7 @@ pub fn insert(conn: &mut DbConn, row: &AccountRow) -> Result<(), StoreError> {
         .values(row)
         .execute(conn)
         .map_err(conflict_as(format!("account `{}`", row.name)))?;
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 /// Writes every field of `row` (matched by id).
@@ -59,7 +59,7 @@ pub fn update(conn: &mut DbConn, row: &AccountRow) -> Result<(), StoreError> {
     if n == 0 {
         return Err(StoreError::NotFound(format!("account `{}`", row.id)));
     }
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 pub fn delete(conn: &mut DbConn, id: &str) -> Result<(), StoreError> {
@@ -67,7 +67,7 @@ pub fn delete(conn: &mut DbConn, id: &str) -> Result<(), StoreError> {
     if n == 0 {
         return Err(StoreError::NotFound(format!("account `{id}`")));
     }
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 /// Enables or disables an account; `reason` is kept for people (cleared on enable).
@@ -87,7 +87,7 @@ pub fn set_active(
     if n == 0 {
         return Err(StoreError::NotFound(format!("account `{id}`")));
     }
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 /// All accounts (optionally of one provider), with their provider's name, by provider then name.

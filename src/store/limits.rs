@@ -104,7 +104,7 @@ pub fn replace(
                 .values(RateLimitRow::new(owner, spec))
                 .execute(conn)?;
         }
-        Ok(())
+        super::settings::bump_catalog(conn)
     })
 }
 

@@ -59,7 +59,7 @@ pub fn insert(conn: &mut DbConn, row: &ProviderRow) -> Result<(), StoreError> {
         .values(row)
         .execute(conn)
         .map_err(conflict_as(format!("provider `{}`", row.name)))?;
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 /// Writes every field of `row` (matched by id).
@@ -71,7 +71,7 @@ pub fn update(conn: &mut DbConn, row: &ProviderRow) -> Result<(), StoreError> {
     if n == 0 {
         return Err(StoreError::NotFound(format!("provider `{}`", row.id)));
     }
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 pub fn delete(conn: &mut DbConn, id: &str) -> Result<(), StoreError> {
@@ -79,7 +79,7 @@ pub fn delete(conn: &mut DbConn, id: &str) -> Result<(), StoreError> {
     if n == 0 {
         return Err(StoreError::NotFound(format!("provider `{id}`")));
     }
-    Ok(())
+    super::settings::bump_catalog(conn)
 }
 
 pub fn list(conn: &mut DbConn) -> Result<Vec<ProviderRow>, StoreError> {
@@ -151,6 +151,7 @@ pub fn upsert_model(
                 .execute(conn)?;
             row.price_input = price_input;
             row.price_output = price_output;
+            super::settings::bump_catalog(conn)?;
             Ok(row)
         }
         None => {
@@ -166,6 +167,7 @@ pub fn upsert_model(
                 .values(&row)
                 .execute(conn)
                 .map_err(conflict_as(format!("model `{name}`")))?;
+            super::settings::bump_catalog(conn)?;
             Ok(row)
         }
     }
@@ -177,10 +179,14 @@ pub fn delete_models_except(
     provider_id: &str,
     keep: &[&str],
 ) -> Result<usize, StoreError> {
-    Ok(diesel::delete(
+    let deleted = diesel::delete(
         models::table
             .filter(models::provider_id.eq(provider_id))
             .filter(models::name.ne_all(keep)),
     )
-    .execute(conn)?)
+    .execute(conn)?;
+    if deleted > 0 {
+        super::settings::bump_catalog(conn)?;
+    }
+    Ok(deleted)
 }

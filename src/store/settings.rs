@@ -8,6 +8,15 @@ use super::{DbConn, StoreError};
 /// The SHA-256 of the generated admin token (absent when the token is configured).
 pub const ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 
+/// Changes with every write to providers, models, limits or accounts, so that a running server
+/// notices what another process (the CLI) changed and reloads.
+pub const CATALOG_VERSION: &str = "catalog_version";
+
+/// Marks the catalog as changed (called by every function that writes it).
+pub fn bump_catalog(conn: &mut DbConn) -> Result<(), StoreError> {
+    put(conn, CATALOG_VERSION, &super::new_id())
+}
+
 pub fn get(conn: &mut DbConn, key: &str) -> Result<Option<String>, StoreError> {
     Ok(settings::table
         .find(key)

@@ -1,0 +1,516 @@
+//! `PoolActor`: one per provider. Owns the pool's members (account actors on the same arbiter),
+//! their last summaries and the strategy's cursor; `Acquire` tries candidates in the strategy's
+//! order until one reserves, else answers with every refusal combined.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use super::account::{
+    AccountActor, GetStatus, Rejection, Reserve, Reset, Snapshot, Stop, UpdateAccount,
+};
+use super::events::{AccountRef, EventSink};
+use crate::domain::account::{Account, AccountSpec, AccountState, Denial, Grant, Summary};
+use crate::domain::refusal::Refusals;
+use crate::domain::selection;
+use crate::domain::time::SharedClock;
+use crate::domain::Strategy;
+
+// ------------------------------------------------------------------------------------------------
+// Messages
+// ------------------------------------------------------------------------------------------------
+
+/// Reserves on one account of the pool that serves `model`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Acquired, Refusals>")]
+pub struct Acquire {
+    pub model: Arc<str>,
+    pub estimate: u64,
+    /// Accounts not to try (already tried for this request).
+    pub exclude: Vec<Arc<str>>,
+}
+
+/// A reservation granted by one of the pool's accounts.
+#[derive(Debug, Clone)]
+pub struct Acquired {
+    pub account_id: Arc<str>,
+    pub account_name: Arc<str>,
+    pub addr: Addr<AccountActor>,
+    pub grant: Grant,
+}
+
+/// The seed's `GetPoolStatus`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "PoolStatus")]
+pub struct GetPoolStatus;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolStatus {
+    pub provider_id: String,
+    pub provider: String,
+    pub strategy: Strategy,
+    pub total_accounts: usize,
+    pub available_accounts: usize,
+    pub accounts_status: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemberStatus {
+    pub account_id: String,
+    pub account: String,
+    pub active: bool,
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub quota_used: u64,
+    pub quota_limit: u64,
+    pub usage_percent: f64,
+}
+
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SetStrategy(pub Strategy);
+
+/// Resets every account of the pool; answers how many.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "usize")]
+pub struct ResetAll;
+
+/// Starts an account actor in this pool (on the pool's arbiter), optionally from a saved state.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Addr<AccountActor>, String>")]
+pub struct AddAccount {
+    pub name: Arc<str>,
+    pub spec: AccountSpec,
+    pub saved: Option<AccountState>,
+    /// Charge a crash gap of this many ms on restore (no clean-shutdown mark).
+    pub gap: Option<i64>,
+}
+
+/// Applies changed settings to a member, keeping its counters.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<(), String>")]
+pub struct UpdateMember {
+    pub name: Arc<str>,
+    pub spec: AccountSpec,
+}
+
+/// Removes a member and stops its actor.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "bool")]
+pub struct RemoveAccount {
+    pub account_id: Arc<str>,
+}
+
+/// The states of members that changed since the last call (for sync, and for recreating a member
+/// that died).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Vec<(Arc<str>, AccountState)>")]
+pub struct CollectChanged;
+
+// ------------------------------------------------------------------------------------------------
+// The actor
+// ------------------------------------------------------------------------------------------------
+
+struct Member {
+    id: Arc<str>,
+    name: Arc<str>,
+    spec: AccountSpec,
+    addr: Addr<AccountActor>,
+    summary: Summary,
+    /// The version of the last state collected, and that state (to recreate a dead actor).
+    last_state: Option<AccountState>,
+}
+
+/// What every account actor of the pool is built with.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub clock: SharedClock,
+    pub reservation_timeout: Duration,
+    /// Length of the peak-rate intervals (the sync interval).
+    pub peak_interval: Duration,
+    pub events: EventSink,
+}
+
+pub struct PoolActor {
+    provider_id: Arc<str>,
+    provider: Arc<str>,
+    strategy: Strategy,
+    members: Vec<Member>,
+    index: HashMap<Arc<str>, usize>,
+    cursor: usize,
+    rng: u64,
+    settings: PoolSettings,
+}
+
+impl PoolActor {
+    pub fn new(
+        provider_id: Arc<str>,
+        provider: Arc<str>,
+        strategy: Strategy,
+        settings: PoolSettings,
+    ) -> PoolActor {
+        let seed = provider_id.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+        });
+        PoolActor {
+            provider_id,
+            provider,
+            strategy,
+            members: Vec::new(),
+            index: HashMap::new(),
+            cursor: 0,
+            rng: seed | 1,
+            settings,
+        }
+    }
+
+    fn account_ref(&self, id: &Arc<str>, name: &Arc<str>) -> AccountRef {
+        AccountRef {
+            account_id: id.clone(),
+            account: name.clone(),
+            provider_id: self.provider_id.clone(),
+            provider: self.provider.clone(),
+        }
+    }
+
+    /// Builds and starts an account actor on the current arbiter (the pool's).
+    fn spawn_account(
+        &self,
+        name: &Arc<str>,
+        spec: &AccountSpec,
+        saved: Option<&AccountState>,
+        gap: Option<i64>,
+    ) -> Result<Addr<AccountActor>, String> {
+        let now = self.settings.clock.now_ms();
+        let mut account = Account::new(spec, now)?;
+        account.set_peak_interval(crate::domain::time::duration_ms(
+            self.settings.peak_interval,
+        ));
+        if let Some(saved) = saved {
+            account.restore(saved, now, gap);
+        }
+        let actor = AccountActor::new(
+            account,
+            self.account_ref(&spec.id, name),
+            self.settings.clock.clone(),
+            self.settings.reservation_timeout,
+            self.settings.events.clone(),
+        );
+        Ok(actor.start())
+    }
+
+    /// Recreates members whose actor died, from their last collected state, charged like a crash
+    /// restore (the interval since that state is unknown).
+    fn revive(&mut self, dead: &[Arc<str>]) {
+        let now = self.settings.clock.now_ms();
+        for id in dead {
+            let Some(&i) = self.index.get(id) else {
+                continue;
+            };
+            if self.members[i].addr.connected() {
+                continue;
+            }
+            let member = &self.members[i];
+            let gap = member
+                .last_state
+                .as_ref()
+                .map(|s| (now - s.saved_at).max(0));
+            match self.spawn_account(&member.name, &member.spec, member.last_state.as_ref(), gap) {
+                Ok(addr) => {
+                    log::error!(
+                        event = "actor_restarted", account_id = &**id, provider = &*self.provider;
+                        "an account actor died and was recreated from its last state"
+                    );
+                    self.members[i].addr = addr;
+                }
+                Err(e) => log::error!(account_id = &**id; "cannot recreate account actor: {e}"),
+            }
+        }
+    }
+
+    fn rebuild_index(&mut self) {
+        self.index = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i))
+            .collect();
+    }
+}
+
+impl Actor for PoolActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Acquire> for PoolActor {
+    type Result = ResponseActFuture<Self, Result<Acquired, Refusals>>;
+
+    fn handle(&mut self, msg: Acquire, _ctx: &mut Context<Self>) -> Self::Result {
+        let summaries: Vec<Summary> = self.members.iter().map(|m| m.summary).collect();
+        let order = selection::order(self.strategy, &summaries, &mut self.cursor, &mut self.rng);
+        let tries: Vec<(Arc<str>, Arc<str>, Addr<AccountActor>)> = order
+            .into_iter()
+            .filter(|&i| !msg.exclude.contains(&self.members[i].id))
+            .map(|i| {
+                let m = &self.members[i];
+                (m.id.clone(), m.name.clone(), m.addr.clone())
+            })
+            .collect();
+        let provider = self.provider.clone();
+        let provider_id = self.provider_id.clone();
+        let metrics = self.settings.events.metrics().clone();
+        let attempt = async move {
+            let mut refusals = Refusals::default();
+            let mut seen: Vec<(Arc<str>, Summary)> = Vec::with_capacity(tries.len());
+            let mut dead = Vec::new();
+            let reserve = Reserve {
+                model: msg.model,
+                estimate: msg.estimate,
+            };
+            for (id, name, addr) in tries {
+                match addr.send(reserve.clone()).await {
+                    Ok(Ok((grant, summary))) => {
+                        log::debug!(
+                            provider = &*provider, account_id = &*id, reservation = grant.reservation,
+                            estimate = reserve.estimate, model = &*reserve.model;
+                            "account selected"
+                        );
+                        seen.push((id.clone(), summary));
+                        let acquired = Acquired {
+                            account_id: id,
+                            account_name: name,
+                            addr,
+                            grant,
+                        };
+                        return (Ok(acquired), seen, dead);
+                    }
+                    Ok(Err((rejection, summary))) => {
+                        seen.push((id.clone(), summary));
+                        match rejection {
+                            Rejection::Denied(denial) => {
+                                log::debug!(
+                                    provider = &*provider, account_id = &*id, model = &*reserve.model;
+                                    "candidate skipped: {denial:?}"
+                                );
+                                if let Denial::RateLimited { limit, .. } = &denial {
+                                    metrics
+                                        .rate_limit_hits_total
+                                        .with_label_values(&[&*provider_id, &**limit])
+                                        .inc();
+                                }
+                                refusals.add(&denial);
+                            }
+                            Rejection::Internal => refusals.add_unavailable(),
+                        }
+                    }
+                    Err(_) => {
+                        // The actor is gone (it panicked outside a guarded operation).
+                        refusals.add_unavailable();
+                        dead.push(id);
+                    }
+                }
+            }
+            (Err(refusals), seen, dead)
+        };
+        Box::pin(
+            attempt
+                .into_actor(self)
+                .map(|(result, seen, dead), act, _ctx| {
+                    for (id, summary) in seen {
+                        if let Some(&i) = act.index.get(&id) {
+                            act.members[i].summary = summary;
+                        }
+                    }
+                    if !dead.is_empty() {
+                        act.revive(&dead);
+                    }
+                    result
+                }),
+        )
+    }
+}
+
+impl Handler<GetPoolStatus> for PoolActor {
+    type Result = ResponseActFuture<Self, PoolStatus>;
+
+    fn handle(&mut self, _msg: GetPoolStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let members: Vec<(Arc<str>, Arc<str>, Addr<AccountActor>)> = self
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.name.clone(), m.addr.clone()))
+            .collect();
+        let active: HashMap<Arc<str>, bool> = self
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.spec.active))
+            .collect();
+        let (provider_id, provider, strategy) = (
+            self.provider_id.to_string(),
+            self.provider.to_string(),
+            self.strategy,
+        );
+        let metrics = self.settings.events.metrics().clone();
+        Box::pin(
+            async move {
+                let mut accounts_status = Vec::with_capacity(members.len());
+                for (id, name, addr) in members {
+                    let Ok(status) = addr.send(GetStatus).await else {
+                        continue;
+                    };
+                    accounts_status.push(MemberStatus {
+                        account_id: id.to_string(),
+                        account: name.to_string(),
+                        active: active.get(&id).copied().unwrap_or(false)
+                            && status.reason.as_deref()
+                                != Some("upstream rejected the key (401/403)"),
+                        available: status.available,
+                        reason: status.reason,
+                        quota_used: status.current_usage,
+                        quota_limit: status.limit,
+                        usage_percent: status.usage_percent,
+                    });
+                }
+                let available_accounts = accounts_status.iter().filter(|s| s.available).count();
+                metrics
+                    .available_accounts
+                    .with_label_values(&[&provider_id])
+                    .set(available_accounts as i64);
+                PoolStatus {
+                    provider_id,
+                    provider,
+                    strategy,
+                    total_accounts: accounts_status.len(),
+                    available_accounts,
+                    accounts_status,
+                }
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+impl Handler<SetStrategy> for PoolActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetStrategy, _ctx: &mut Context<Self>) {
+        self.strategy = msg.0;
+    }
+}
+
+impl Handler<ResetAll> for PoolActor {
+    type Result = ResponseFuture<usize>;
+
+    fn handle(&mut self, _msg: ResetAll, _ctx: &mut Context<Self>) -> Self::Result {
+        let addrs: Vec<Addr<AccountActor>> = self.members.iter().map(|m| m.addr.clone()).collect();
+        Box::pin(async move {
+            let mut count = 0;
+            for addr in addrs {
+                if addr.send(Reset).await.is_ok() {
+                    count += 1;
+                }
+            }
+            count
+        })
+    }
+}
+
+impl Handler<AddAccount> for PoolActor {
+    type Result = Result<Addr<AccountActor>, String>;
+
+    fn handle(&mut self, msg: AddAccount, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.index.contains_key(&msg.spec.id) {
+            return Err(format!("account {} is already in the pool", msg.spec.id));
+        }
+        let addr = self.spawn_account(&msg.name, &msg.spec, msg.saved.as_ref(), msg.gap)?;
+        self.members.push(Member {
+            id: msg.spec.id.clone(),
+            name: msg.name,
+            spec: msg.spec,
+            addr: addr.clone(),
+            summary: Summary {
+                available: true,
+                headroom: 1.0,
+                ..Summary::default()
+            },
+            last_state: msg.saved,
+        });
+        self.rebuild_index();
+        Ok(addr)
+    }
+}
+
+impl Handler<UpdateMember> for PoolActor {
+    type Result = ResponseFuture<Result<(), String>>;
+
+    fn handle(&mut self, msg: UpdateMember, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(&i) = self.index.get(&msg.spec.id) else {
+            let id = msg.spec.id.clone();
+            return Box::pin(async move { Err(format!("account {id} is not in the pool")) });
+        };
+        let member = &mut self.members[i];
+        member.name = msg.name;
+        member.spec = msg.spec.clone();
+        let addr = member.addr.clone();
+        Box::pin(async move {
+            addr.send(UpdateAccount { spec: msg.spec })
+                .await
+                .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+impl Handler<RemoveAccount> for PoolActor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: RemoveAccount, _ctx: &mut Context<Self>) -> bool {
+        let Some(&i) = self.index.get(&msg.account_id) else {
+            return false;
+        };
+        let member = self.members.remove(i);
+        member.addr.do_send(Stop);
+        self.rebuild_index();
+        true
+    }
+}
+
+impl Handler<CollectChanged> for PoolActor {
+    type Result = ResponseActFuture<Self, Vec<(Arc<str>, AccountState)>>;
+
+    fn handle(&mut self, _msg: CollectChanged, _ctx: &mut Context<Self>) -> Self::Result {
+        let asks: Vec<(Arc<str>, Addr<AccountActor>, Option<u64>)> = self
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    m.addr.clone(),
+                    m.last_state.as_ref().map(|s| s.version),
+                )
+            })
+            .collect();
+        Box::pin(
+            async move {
+                let mut changed = Vec::new();
+                for (id, addr, since_version) in asks {
+                    if let Ok(Some(state)) = addr.send(Snapshot { since_version }).await {
+                        changed.push((id, state));
+                    }
+                }
+                changed
+            }
+            .into_actor(self)
+            .map(|changed, act, _ctx| {
+                for (id, state) in &changed {
+                    if let Some(&i) = act.index.get(id) {
+                        act.members[i].last_state = Some(state.clone());
+                    }
+                }
+                changed
+            }),
+        )
+    }
+}

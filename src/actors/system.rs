@@ -1,0 +1,352 @@
+//! `QuotaSystem` (the seed's name): one handle that wires the runtime — supervisor, pools,
+//! accounts, events, notifier — and offers what callers need: acquire a reservation for a model
+//! (with fallback across providers), read status, reset, change the catalog, subscribe to events.
+//!
+//! Start it inside an actix system with [`QuotaSystem::start`], or from any thread with
+//! [`QuotaSystem::start_in_thread`], which runs its own actix system; every method returns a `Send`
+//! future either way.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::account::{
+    CheckAvailability, ConsumeQuota, GetRateStats, GetStatus, ReservationGuard, Reset,
+};
+use super::catalog::{ProviderSpec, QuotaSettings};
+use super::events::{Event, EventSink, Notifier};
+use super::pool::{Acquire, GetPoolStatus, PoolSettings, PoolStatus, ResetAll};
+use super::registry::{self, AccountEntry, Lookup, ProviderEntry, Registry, SharedRegistry};
+use super::supervisor::{
+    ApplyCatalog, CatalogChange, CatalogSource, CollectAll, Reload, Supervisor,
+};
+use crate::domain::account::{AccountEvent, AccountState, Denial, Grant, QuotaStatus, WindowStats};
+use crate::domain::refusal::{Refusals, Verdict};
+use crate::domain::time::SharedClock;
+use crate::metrics::Metrics;
+
+/// How the runtime is built.
+#[derive(Clone)]
+pub struct RuntimeSettings {
+    pub clock: SharedClock,
+    /// Threads hosting the pools; 0 = the caller's arbiter.
+    pub arbiters: usize,
+    pub reservation_timeout: Duration,
+    /// The sync interval: also the unit of the peak rates kept for crash-gap charges.
+    pub peak_interval: Duration,
+    pub quota: QuotaSettings,
+    pub metrics: Metrics,
+    pub webhook_url: Option<String>,
+    pub source: Option<CatalogSource>,
+}
+
+/// A reservation on one account, ready to be used upstream.
+#[derive(Debug)]
+pub struct Lease {
+    pub provider: Arc<ProviderEntry>,
+    pub account: Arc<AccountEntry>,
+    /// The model name to send upstream.
+    pub model: Arc<str>,
+    pub estimate: u64,
+    pub grant: Grant,
+    /// Settles the reservation; dropping it settles too (see [`ReservationGuard`]).
+    pub guard: ReservationGuard,
+}
+
+/// Why `acquire` gave no lease.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcquireError {
+    #[error("no provider serves model `{0}`")]
+    ModelNotFound(String),
+    #[error("refused: {0:?}")]
+    Refused(Verdict),
+}
+
+/// Why a status query failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Lookup(#[from] Lookup),
+    #[error("the runtime is not running")]
+    Stopped,
+}
+
+#[derive(Clone)]
+pub struct QuotaSystem {
+    supervisor: Addr<Supervisor>,
+    registry: SharedRegistry,
+    events: EventSink,
+    clock: SharedClock,
+    /// The actix system this runtime owns (only when started in its own thread).
+    own_system: Option<actix::System>,
+}
+
+impl std::fmt::Debug for QuotaSystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaSystem").finish_non_exhaustive()
+    }
+}
+
+impl QuotaSystem {
+    /// Starts the runtime on the current actix system and loads `specs` (restoring `saved`
+    /// states; `gap` charges a crash gap).
+    pub async fn start(
+        settings: RuntimeSettings,
+        specs: Vec<ProviderSpec>,
+        saved: HashMap<Arc<str>, AccountState>,
+        gap: Option<i64>,
+    ) -> Result<QuotaSystem, String> {
+        let notifier = settings
+            .webhook_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .map(|url| {
+                Notifier::new(url, settings.metrics.clone())
+                    .start_bounded()
+                    .recipient()
+            });
+        let events = EventSink::new(settings.metrics.clone(), notifier);
+        let registry: SharedRegistry = Arc::new(RwLock::new(Arc::new(Registry::default())));
+        let pool_settings = PoolSettings {
+            clock: settings.clock.clone(),
+            reservation_timeout: settings.reservation_timeout,
+            peak_interval: settings.peak_interval,
+            events: events.clone(),
+        };
+        let supervisor = Supervisor::new(
+            pool_settings,
+            settings.arbiters,
+            registry.clone(),
+            settings.source.clone(),
+        )
+        .start();
+        let change = supervisor
+            .send(ApplyCatalog { specs, saved, gap })
+            .await
+            .map_err(|e| e.to_string())??;
+        log::info!(
+            pools = change.pools_added, accounts = change.accounts_added, arbiters = settings.arbiters;
+            "actor runtime started"
+        );
+        Ok(QuotaSystem {
+            supervisor,
+            registry,
+            events,
+            clock: settings.clock,
+            own_system: None,
+        })
+    }
+
+    /// Starts the runtime on a new thread with its own actix system, for callers that are not on
+    /// an actix runtime. [`QuotaSystem::shutdown`] stops that thread.
+    pub fn start_in_thread(
+        settings: RuntimeSettings,
+        specs: Vec<ProviderSpec>,
+    ) -> Result<QuotaSystem, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("quotagate-runtime".into())
+            .spawn(move || {
+                let system = actix::System::new();
+                let handle = actix::System::current();
+                system.block_on(async move {
+                    let started = QuotaSystem::start(settings, specs, HashMap::new(), None)
+                        .await
+                        .map(|mut qs| {
+                            qs.own_system = Some(handle);
+                            qs
+                        });
+                    let _ = tx.send(started);
+                });
+                let _ = system.run();
+            })
+            .map_err(|e| e.to_string())?;
+        rx.recv().map_err(|e| e.to_string())?
+    }
+
+    /// Stops the thread started by [`QuotaSystem::start_in_thread`] (no-op otherwise).
+    pub fn shutdown(&self) {
+        self.supervisor.do_send(super::supervisor::StopArbiters);
+        if let Some(system) = &self.own_system {
+            system.stop();
+        }
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        registry::read(&self.registry)
+    }
+
+    pub fn events(&self) -> &EventSink {
+        &self.events
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Calls `f` for every runtime event.
+    pub fn subscribe(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        self.events.subscribe(f);
+    }
+
+    /// The seed's `SetWarningCallback`: `f(account, used fraction)`.
+    pub fn on_warning(&self, f: impl Fn(&Event, f64) + Send + Sync + 'static) {
+        self.events.subscribe(move |e| {
+            if let AccountEvent::QuotaWarning { fraction, .. } = e.kind {
+                f(e, fraction);
+            }
+        });
+    }
+
+    /// The seed's `SetExhaustedCallback`.
+    pub fn on_exhausted(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        self.events.subscribe(move |e| {
+            if matches!(e.kind, AccountEvent::QuotaExhausted { .. }) {
+                f(e);
+            }
+        });
+    }
+
+    /// Reserves on an account of a provider serving `model`, trying providers in turn (a pool
+    /// with no room falls back to the next one). `estimate` gives the request's token estimate for
+    /// a provider (tokenizers and completion bounds differ). Refusals of every account are
+    /// combined into one verdict.
+    pub async fn acquire(
+        &self,
+        model: &str,
+        estimate: impl Fn(&ProviderSpec) -> u64,
+        exclude: &[Arc<str>],
+    ) -> Result<Lease, AcquireError> {
+        let registry = self.registry();
+        let routes = registry.route(model);
+        if routes.is_empty() {
+            return Err(AcquireError::ModelNotFound(model.to_string()));
+        }
+        let mut refusals = Refusals::default();
+        for (provider, upstream_model) in routes {
+            let estimate = estimate(&provider.spec);
+            let asked = provider
+                .pool
+                .send(Acquire {
+                    model: upstream_model.clone(),
+                    estimate,
+                    exclude: exclude.to_vec(),
+                })
+                .await;
+            match asked {
+                Ok(Ok(acquired)) => {
+                    let guard =
+                        ReservationGuard::new(acquired.addr.clone(), acquired.grant.reservation);
+                    let account = match registry.account(&acquired.account_id) {
+                        Ok(account) => account.clone(),
+                        Err(_) => {
+                            // Removed meanwhile: give the slot back and keep looking.
+                            guard.release();
+                            refusals.add_unavailable();
+                            continue;
+                        }
+                    };
+                    return Ok(Lease {
+                        provider,
+                        account,
+                        model: upstream_model,
+                        estimate,
+                        grant: acquired.grant,
+                        guard,
+                    });
+                }
+                Ok(Err(pool_refusals)) => refusals.merge(&pool_refusals),
+                Err(_) => refusals.add_unavailable(),
+            }
+        }
+        Err(AcquireError::Refused(refusals.verdict()))
+    }
+
+    pub async fn status(&self, account: &str) -> Result<QuotaStatus, QueryError> {
+        let addr = self.registry().account(account)?.addr.clone();
+        addr.send(GetStatus).await.map_err(|_| QueryError::Stopped)
+    }
+
+    pub async fn rate_stats(&self, account: &str) -> Result<Vec<WindowStats>, QueryError> {
+        let addr = self.registry().account(account)?.addr.clone();
+        addr.send(GetRateStats)
+            .await
+            .map_err(|_| QueryError::Stopped)
+    }
+
+    /// The seed's non-atomic `CheckAvailability` (read-only; a later reservation may still fail).
+    pub async fn check_availability(
+        &self,
+        account: &str,
+        model: &str,
+        estimate: u64,
+    ) -> Result<Result<(), Denial>, QueryError> {
+        let addr = self.registry().account(account)?.addr.clone();
+        addr.send(CheckAvailability {
+            model: Arc::from(model),
+            estimate,
+        })
+        .await
+        .map_err(|_| QueryError::Stopped)
+    }
+
+    /// The seed's `ConsumeQuota`: records usage directly, without a reservation.
+    pub async fn consume_quota(
+        &self,
+        account: &str,
+        model: &str,
+        tokens: u64,
+    ) -> Result<QuotaStatus, QueryError> {
+        let addr = self.registry().account(account)?.addr.clone();
+        addr.send(ConsumeQuota {
+            model: Arc::from(model),
+            tokens,
+        })
+        .await
+        .map_err(|_| QueryError::Stopped)
+    }
+
+    pub async fn reset_account(&self, account: &str) -> Result<QuotaStatus, QueryError> {
+        let addr = self.registry().account(account)?.addr.clone();
+        addr.send(Reset).await.map_err(|_| QueryError::Stopped)
+    }
+
+    /// Resets every account of a provider; answers how many.
+    pub async fn reset_provider(&self, provider: &str) -> Result<usize, QueryError> {
+        let pool = self.registry().provider(provider)?.pool.clone();
+        pool.send(ResetAll).await.map_err(|_| QueryError::Stopped)
+    }
+
+    pub async fn pool_status(&self, provider: &str) -> Result<PoolStatus, QueryError> {
+        let pool = self.registry().provider(provider)?.pool.clone();
+        pool.send(GetPoolStatus)
+            .await
+            .map_err(|_| QueryError::Stopped)
+    }
+
+    /// Makes the runtime serve exactly `specs`, keeping the counters of accounts that stay.
+    pub async fn apply_catalog(&self, specs: Vec<ProviderSpec>) -> Result<CatalogChange, String> {
+        self.supervisor
+            .send(ApplyCatalog {
+                specs,
+                ..ApplyCatalog::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Reloads the catalog from the store now.
+    pub async fn reload(&self) -> Result<CatalogChange, String> {
+        self.supervisor
+            .send(Reload)
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// The states of accounts changed since the last call.
+    pub async fn collect_changed(&self) -> Vec<(Arc<str>, AccountState)> {
+        self.supervisor.send(CollectAll).await.unwrap_or_default()
+    }
+}

@@ -1,0 +1,773 @@
+//! The actor runtime driven by messages, as its users will drive it: built from in-memory specs
+//! (no store, sync off), on the caller's arbiter, under tokio's paused clock (no sleeps).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quotagate::actors::catalog::{MemberSpec, ModelSpec, ProviderSpec, QuotaSettings, Upstream};
+use quotagate::actors::events::Event;
+use quotagate::actors::{AcquireError, Lease, QuotaSystem, RuntimeSettings, TokioClock};
+use quotagate::domain::account::{AccountSpec, Feedback, RateHeaders, UpstreamOutcome, Usage};
+use quotagate::domain::refusal::Verdict;
+use quotagate::domain::schedule::Schedule;
+use quotagate::domain::{LimitKind, LimitSpec, NamedLimit, Strategy, Tokenizer};
+use quotagate::metrics::Metrics;
+
+/// 2026-11-28T23:00:00Z: one hour before the daily quota reset.
+const START: i64 = 1_795_906_800_000;
+const MODEL: &str = "m";
+
+fn limit(kind: LimitKind, limit: u64, per_secs: Option<u64>) -> LimitSpec {
+    LimitSpec {
+        kind,
+        limit,
+        per: per_secs.map(Duration::from_secs),
+        reset: None,
+    }
+}
+
+fn account(id: &str, quota_limit: u64, limits: Vec<LimitSpec>) -> MemberSpec {
+    MemberSpec {
+        name: Arc::from(id),
+        spec: AccountSpec {
+            id: Arc::from(id),
+            active: true,
+            disabled_reason: None,
+            expires_at: None,
+            quota_limit,
+            quota_used: 0,
+            quota_schedule: Schedule::daily_utc(),
+            warning_threshold: 0.8,
+            limits: limits.into_iter().map(|l| (None, l)).collect(),
+            header_requests: Some(NamedLimit::Rpm),
+            header_tokens: None,
+        },
+        credentials: None,
+    }
+}
+
+fn provider(name: &str, strategy: Strategy, accounts: Vec<MemberSpec>) -> ProviderSpec {
+    ProviderSpec {
+        id: Arc::from(format!("id-{name}")),
+        name: Arc::from(name),
+        active: true,
+        strategy,
+        upstream: Upstream {
+            base_url: "http://127.0.0.1:9/v1".into(),
+            auth_header: "Authorization".into(),
+            auth_scheme: "Bearer".into(),
+            timeout: None,
+            max_completion_tokens: 100,
+            tokenizer: Tokenizer::Bytes,
+        },
+        models: vec![ModelSpec {
+            name: Arc::from(MODEL),
+            price_input: 0.0,
+            price_output: 0.0,
+        }],
+        accounts,
+    }
+}
+
+fn settings(arbiters: usize) -> RuntimeSettings {
+    RuntimeSettings {
+        clock: Arc::new(TokioClock::starting_at(START)),
+        arbiters,
+        reservation_timeout: Duration::from_secs(600),
+        peak_interval: Duration::from_secs(1),
+        quota: QuotaSettings {
+            schedule: Schedule::daily_utc(),
+            warning_threshold: 0.8,
+        },
+        metrics: Metrics::new(),
+        webhook_url: None,
+        source: None,
+    }
+}
+
+/// Starts the runtime on the test's arbiter with a paused clock.
+async fn start(specs: Vec<ProviderSpec>) -> QuotaSystem {
+    tokio::time::pause();
+    start_another(specs).await
+}
+
+/// Another runtime in the same (already paused) test.
+async fn start_another(specs: Vec<ProviderSpec>) -> QuotaSystem {
+    QuotaSystem::start(settings(0), specs, Default::default(), None)
+        .await
+        .unwrap()
+}
+
+async fn acquire(qs: &QuotaSystem, estimate: u64) -> Result<Lease, AcquireError> {
+    qs.acquire(MODEL, |_| estimate, &[]).await
+}
+
+fn refused(result: Result<Lease, AcquireError>) -> Verdict {
+    match result {
+        Err(AcquireError::Refused(v)) => v,
+        Err(other) => panic!("expected a refusal, got {other:?}"),
+        Ok(lease) => panic!("expected a refusal, got a lease on {}", lease.account.name),
+    }
+}
+
+fn collect_events(qs: &QuotaSystem) -> Arc<Mutex<Vec<Event>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    qs.subscribe(move |e| sink.lock().unwrap().push(e.clone()));
+    seen
+}
+
+fn names(events: &Arc<Mutex<Vec<Event>>>) -> Vec<&'static str> {
+    events.lock().unwrap().iter().map(Event::name).collect()
+}
+
+/// Lets queued `do_send` messages run.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn advance(d: Duration) {
+    tokio::time::advance(d).await;
+    settle().await;
+}
+
+#[actix::test]
+async fn a_reservation_is_committed_with_real_usage_and_released_when_unsent() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 1000, vec![])],
+    )])
+    .await;
+    let lease = acquire(&qs, 100).await.unwrap();
+    assert_eq!(&*lease.account.name, "a");
+    let mut guard = lease.guard;
+    guard.mark_sent();
+    guard.commit(Usage::Reported(30), None);
+    settle().await;
+    assert_eq!(qs.status("a").await.unwrap().current_usage, 30);
+
+    let lease = acquire(&qs, 100).await.unwrap();
+    lease.guard.release();
+    settle().await;
+    let status = qs.status("p/a").await.unwrap();
+    assert_eq!(status.current_usage, 30, "a release consumes nothing");
+    assert!(status.available);
+
+    // Dropped after being sent: the outcome is unknown, so the estimate is committed.
+    let mut lease = acquire(&qs, 100).await.unwrap();
+    lease.guard.mark_sent();
+    drop(lease);
+    settle().await;
+    assert_eq!(qs.status("a").await.unwrap().current_usage, 130);
+}
+
+#[actix::test]
+async fn refusals_follow_the_precedence_rate_then_quota_then_impossible_then_none() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![
+            account("rate", 0, vec![limit(LimitKind::Requests, 1, Some(60))]),
+            account("quota", 50, vec![]),
+            account("small", 0, vec![limit(LimitKind::Tokens, 10, Some(60))]),
+        ],
+    )])
+    .await;
+    // Fill `rate` and `quota`.
+    let held: Vec<Lease> = vec![
+        acquire(&qs, 40).await.unwrap(),
+        acquire(&qs, 40).await.unwrap(),
+    ];
+    let on: Vec<&str> = held.iter().map(|l| &*l.account.name).collect();
+    assert!(on.contains(&"rate") && on.contains(&"quota"), "{on:?}");
+    match refused(acquire(&qs, 40).await) {
+        Verdict::RateLimited {
+            limit,
+            retry_at,
+            lower_bound,
+        } => {
+            assert_eq!(&*limit, "rpm");
+            assert!(
+                lower_bound,
+                "blocked by a request in flight: only a lower bound"
+            );
+            assert_eq!(retry_at, START + 60_000);
+        }
+        other => panic!("{other:?}"),
+    }
+    for lease in held {
+        let mut g = lease.guard;
+        g.mark_sent();
+        g.commit(Usage::Reported(40), None);
+    }
+    settle().await;
+    match refused(acquire(&qs, 40).await) {
+        Verdict::RateLimited {
+            retry_at,
+            lower_bound,
+            ..
+        } => {
+            assert!(!lower_bound, "settled usage gives the exact time");
+            assert!(
+                (START + 60_000..=START + 61_000).contains(&retry_at),
+                "{retry_at}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past the rate window only the quota blocks `quota`, and `rate` is free again.
+    advance(Duration::from_secs(62)).await;
+    let lease = acquire(&qs, 40).await.unwrap();
+    assert_eq!(&*lease.account.name, "rate");
+    drop(lease);
+    settle().await;
+
+    let qs2 = start_another(vec![provider(
+        "q",
+        Strategy::RoundRobin,
+        vec![account("quota", 50, vec![])],
+    )])
+    .await;
+    qs2.consume_quota("quota", MODEL, 50).await.unwrap();
+    assert_eq!(
+        refused(acquire(&qs2, 10).await),
+        Verdict::QuotaExceeded {
+            reset_at: START + 3_600_000
+        }
+    );
+
+    let qs3 = start_another(vec![provider(
+        "r",
+        Strategy::RoundRobin,
+        vec![account(
+            "small",
+            0,
+            vec![limit(LimitKind::Tokens, 10, Some(60))],
+        )],
+    )])
+    .await;
+    assert!(matches!(
+        refused(acquire(&qs3, 11).await),
+        Verdict::Impossible {
+            need: 11,
+            limit_value: 10,
+            ..
+        }
+    ));
+
+    let mut disabled = account("off", 0, vec![]);
+    disabled.spec.active = false;
+    let qs4 = start_another(vec![provider("s", Strategy::RoundRobin, vec![disabled])]).await;
+    assert_eq!(refused(acquire(&qs4, 1).await), Verdict::NoAccountAvailable);
+    assert!(matches!(
+        qs4.acquire("unknown-model", |_| 1, &[]).await,
+        Err(AcquireError::ModelNotFound(_))
+    ));
+}
+
+#[actix::test]
+async fn a_full_pool_falls_back_to_the_next_provider_serving_the_model() {
+    let one = |p: &str| {
+        provider(
+            p,
+            Strategy::LeastUsed,
+            vec![account(
+                &format!("{p}-a"),
+                0,
+                vec![limit(LimitKind::Requests, 1, Some(60))],
+            )],
+        )
+    };
+    let qs = start(vec![one("alpha"), one("beta")]).await;
+    let first = acquire(&qs, 1).await.unwrap();
+    let second = acquire(&qs, 1).await.unwrap();
+    assert_ne!(first.provider.spec.name, second.provider.spec.name);
+    assert!(matches!(
+        refused(acquire(&qs, 1).await),
+        Verdict::RateLimited { .. }
+    ));
+    // `provider/model` picks one provider.
+    let only_beta = qs.acquire("beta/m", |_| 1, &[]).await;
+    assert!(matches!(only_beta, Err(AcquireError::Refused(_))));
+}
+
+#[actix::test]
+async fn the_quota_resets_at_the_cron_boundary_and_warns_once_per_period() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 100, vec![])],
+    )])
+    .await;
+    let events = collect_events(&qs);
+    let warnings = Arc::new(AtomicU64::new(0));
+    let w = warnings.clone();
+    qs.on_warning(move |_, fraction| {
+        assert!(fraction >= 0.8);
+        w.fetch_add(1, Ordering::SeqCst);
+    });
+    let exhausted = Arc::new(AtomicU64::new(0));
+    let x = exhausted.clone();
+    qs.on_exhausted(move |_| {
+        x.fetch_add(1, Ordering::SeqCst);
+    });
+    for _ in 0..3 {
+        qs.consume_quota("a", MODEL, 40).await.unwrap();
+    }
+    assert_eq!(warnings.load(Ordering::SeqCst), 1);
+    assert_eq!(exhausted.load(Ordering::SeqCst), 1);
+    let status = qs.status("a").await.unwrap();
+    assert!(!status.available);
+    assert_eq!(status.reason.as_deref(), Some("quota_exceeded"));
+    assert_eq!(status.reset_at, START + 3_600_000);
+
+    // The boundary passes while the account is idle: the reset happens (and is announced) on time
+    // (tokio fires a timer on the first millisecond tick at or after its deadline).
+    advance(Duration::from_millis(3_600_001)).await;
+    assert!(
+        names(&events).contains(&"quota_reset"),
+        "{:?}",
+        names(&events)
+    );
+    let status = qs.status("a").await.unwrap();
+    assert_eq!((status.current_usage, status.available), (0, true));
+    assert_eq!(status.reset_at, START + 3_600_000 + 86_400_000);
+    qs.consume_quota("a", MODEL, 90).await.unwrap();
+    assert_eq!(
+        warnings.load(Ordering::SeqCst),
+        2,
+        "a new period warns again"
+    );
+}
+
+#[actix::test]
+async fn an_unsettled_reservation_is_committed_at_its_estimate_when_it_expires() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account(
+            "a",
+            1000,
+            vec![limit(LimitKind::Concurrent, 1, None)],
+        )],
+    )])
+    .await;
+    let lease = acquire(&qs, 77).await.unwrap();
+    std::mem::forget(lease.guard); // a handler that vanished without settling
+    assert!(matches!(
+        refused(acquire(&qs, 1).await),
+        Verdict::RateLimited { .. }
+    ));
+    advance(Duration::from_secs(599)).await;
+    assert_eq!(qs.status("a").await.unwrap().current_usage, 0);
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(qs.status("a").await.unwrap().current_usage, 77);
+    let stats = qs.rate_stats("a").await.unwrap();
+    let concurrent = stats.iter().find(|s| s.limit_type == "concurrent").unwrap();
+    assert_eq!(concurrent.current, 0, "the concurrency slot is free again");
+    acquire(&qs, 1).await.unwrap();
+}
+
+#[actix::test]
+async fn a_renewed_reservation_outlives_the_timeout() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 1000, vec![])],
+    )])
+    .await;
+    let lease = acquire(&qs, 50).await.unwrap();
+    advance(Duration::from_secs(500)).await;
+    lease.guard.renew();
+    advance(Duration::from_secs(500)).await;
+    assert_eq!(
+        qs.status("a").await.unwrap().current_usage,
+        0,
+        "still in flight"
+    );
+    let mut g = lease.guard;
+    g.mark_sent();
+    g.commit(Usage::Reported(20), None);
+    settle().await;
+    assert_eq!(qs.status("a").await.unwrap().current_usage, 20);
+}
+
+fn feedback(outcome: UpstreamOutcome) -> Option<Feedback> {
+    Some(Feedback {
+        outcome,
+        latency_ms: 100,
+        headers: RateHeaders::default(),
+    })
+}
+
+async fn answer(qs: &QuotaSystem, outcome: UpstreamOutcome) {
+    let mut g = acquire(qs, 1).await.unwrap().guard;
+    g.mark_sent();
+    g.commit(Usage::RequestOnly, feedback(outcome));
+    settle().await;
+}
+
+#[actix::test]
+async fn an_upstream_429_cools_the_account_down_for_its_retry_after() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 0, vec![])],
+    )])
+    .await;
+    let events = collect_events(&qs);
+    answer(
+        &qs,
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(5_000),
+        },
+    )
+    .await;
+    assert!(names(&events).contains(&"cooldown"));
+    match refused(acquire(&qs, 1).await) {
+        Verdict::RateLimited {
+            limit, retry_at, ..
+        } => {
+            assert_eq!(&*limit, "cooldown");
+            assert_eq!(retry_at, START + 5_000);
+        }
+        other => panic!("{other:?}"),
+    }
+    advance(Duration::from_millis(5_000)).await;
+    acquire(&qs, 1).await.unwrap();
+}
+
+#[actix::test]
+async fn repeated_failures_open_the_circuit_then_one_probe_at_a_time_closes_it() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 0, vec![])],
+    )])
+    .await;
+    for _ in 0..3 {
+        answer(&qs, UpstreamOutcome::Failure).await;
+    }
+    assert!(
+        matches!(refused(acquire(&qs, 1).await), Verdict::RateLimited { ref limit, .. } if &**limit == "circuit_open")
+    );
+    advance(Duration::from_secs(5)).await;
+    let probe = acquire(&qs, 1).await.unwrap();
+    assert!(
+        matches!(refused(acquire(&qs, 1).await), Verdict::RateLimited { ref limit, .. } if &**limit == "circuit_probe")
+    );
+    // The probe fails: open again, for twice as long.
+    let mut g = probe.guard;
+    g.mark_sent();
+    g.commit(Usage::RequestOnly, feedback(UpstreamOutcome::Failure));
+    settle().await;
+    advance(Duration::from_secs(9)).await;
+    assert!(acquire(&qs, 1).await.is_err());
+    advance(Duration::from_secs(1)).await;
+    let probe = acquire(&qs, 1).await.unwrap();
+    let mut g = probe.guard;
+    g.mark_sent();
+    g.commit(Usage::Reported(1), feedback(UpstreamOutcome::Success));
+    settle().await;
+    let (a, b) = (
+        acquire(&qs, 1).await.unwrap(),
+        acquire(&qs, 1).await.unwrap(),
+    );
+    drop((a, b));
+}
+
+#[actix::test]
+async fn an_upstream_401_disables_the_account_with_an_event() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 0, vec![]), account("b", 0, vec![])],
+    )])
+    .await;
+    let events = collect_events(&qs);
+    let mut lease = acquire(&qs, 1).await.unwrap();
+    let bad = lease.account.name.clone();
+    lease.guard.mark_sent();
+    lease
+        .guard
+        .commit(Usage::RequestOnly, feedback(UpstreamOutcome::Unauthorized));
+    settle().await;
+    assert_eq!(names(&events), ["account_disabled"]);
+    let status = qs.status(&bad).await.unwrap();
+    assert!(!status.available);
+    assert!(status.reason.unwrap().contains("401"));
+    for _ in 0..3 {
+        let lease = acquire(&qs, 1).await.unwrap();
+        assert_ne!(
+            lease.account.name, bad,
+            "the disabled account is never chosen"
+        );
+    }
+}
+
+#[actix::test]
+async fn upstream_headers_tighten_the_mapped_window() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account(
+            "a",
+            0,
+            vec![limit(LimitKind::Requests, 100, Some(60))],
+        )],
+    )])
+    .await;
+    let mut g = acquire(&qs, 1).await.unwrap().guard;
+    g.mark_sent();
+    g.commit(
+        Usage::Reported(1),
+        Some(Feedback {
+            outcome: UpstreamOutcome::Success,
+            latency_ms: 10,
+            headers: RateHeaders {
+                requests_remaining: Some(1),
+                requests_reset_ms: Some(10_000),
+                ..RateHeaders::default()
+            },
+        }),
+    );
+    settle().await;
+    let _one = acquire(&qs, 1).await.unwrap();
+    assert!(
+        matches!(refused(acquire(&qs, 1).await), Verdict::RateLimited { retry_at, .. } if retry_at == START + 10_000)
+    );
+}
+
+#[actix::test]
+async fn the_catalog_changes_at_run_time_without_losing_counters() {
+    let spec = |limit_value: u64, extra: bool| {
+        let mut accounts = vec![account(
+            "a",
+            1000,
+            vec![limit(LimitKind::Requests, limit_value, Some(60))],
+        )];
+        if extra {
+            accounts.push(account("b", 1000, vec![]));
+        }
+        provider("p", Strategy::RoundRobin, accounts)
+    };
+    let qs = start(vec![spec(2, false)]).await;
+    qs.consume_quota("a", MODEL, 123).await.unwrap();
+    let held = acquire(&qs, 10).await.unwrap();
+    let change = qs.apply_catalog(vec![spec(3, true)]).await.unwrap();
+    assert_eq!((change.accounts_added, change.accounts_updated), (1, 1));
+    assert_eq!(
+        qs.status("a").await.unwrap().current_usage,
+        123,
+        "usage survives the update"
+    );
+    let stats = qs.rate_stats("a").await.unwrap();
+    let rpm = stats.iter().find(|s| s.limit_type == "rpm").unwrap();
+    assert_eq!(
+        (rpm.limit, rpm.current, rpm.in_flight),
+        (3, 2, 1),
+        "the window kept its counts"
+    );
+    let mut g = held.guard;
+    g.mark_sent();
+    g.commit(Usage::Reported(7), None);
+    settle().await;
+    assert_eq!(
+        qs.status("a").await.unwrap().current_usage,
+        130,
+        "a reservation from before the update settles"
+    );
+    assert!(qs.status("b").await.is_ok());
+
+    let change = qs.apply_catalog(vec![spec(3, false)]).await.unwrap();
+    assert_eq!(change.accounts_removed, 1);
+    assert!(qs.status("b").await.is_err());
+    let change = qs.apply_catalog(vec![]).await.unwrap();
+    assert_eq!(change.pools_removed, 1);
+    assert!(matches!(
+        acquire(&qs, 1).await,
+        Err(AcquireError::ModelNotFound(_))
+    ));
+}
+
+#[actix::test]
+async fn pool_status_reset_strategy_and_the_seeds_direct_calls() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 100, vec![]), account("b", 100, vec![])],
+    )])
+    .await;
+    qs.consume_quota("a", MODEL, 100).await.unwrap();
+    assert!(qs.check_availability("a", MODEL, 1).await.unwrap().is_err());
+    assert!(qs.check_availability("b", MODEL, 1).await.unwrap().is_ok());
+    let pool = qs.pool_status("p").await.unwrap();
+    assert_eq!((pool.total_accounts, pool.available_accounts), (2, 1));
+    let a = pool
+        .accounts_status
+        .iter()
+        .find(|s| s.account == "a")
+        .unwrap();
+    assert_eq!(
+        (a.quota_used, a.quota_limit, a.usage_percent),
+        (100, 100, 100.0)
+    );
+    assert_eq!(qs.reset_account("a").await.unwrap().current_usage, 0);
+    qs.consume_quota("b", MODEL, 60).await.unwrap();
+    assert_eq!(qs.reset_provider("p").await.unwrap(), 2);
+    assert_eq!(qs.status("b").await.unwrap().current_usage, 0);
+}
+
+#[cfg(feature = "fault-injection")]
+#[actix::test]
+async fn a_panic_inside_a_message_loses_only_that_message() {
+    use quotagate::domain::account::PANIC_MODEL;
+    let mut spec = provider("p", Strategy::RoundRobin, vec![account("a", 1000, vec![])]);
+    spec.models.push(ModelSpec {
+        name: Arc::from(PANIC_MODEL),
+        price_input: 0.0,
+        price_output: 0.0,
+    });
+    let qs = start(vec![spec]).await;
+    qs.consume_quota("a", MODEL, 42).await.unwrap();
+    let held = acquire(&qs, 5).await.unwrap();
+    let result = qs.acquire(PANIC_MODEL, |_| 1, &[]).await;
+    assert_eq!(refused(result), Verdict::NoAccountAvailable);
+    assert_eq!(qs.events().metrics().actor_panics_total.get(), 1);
+    let stats = qs.rate_stats("a").await.unwrap();
+    assert!(stats.is_empty());
+    let status = qs.status("a").await.unwrap();
+    assert_eq!(
+        status.current_usage, 42,
+        "the state from before the message is intact"
+    );
+    let mut g = held.guard;
+    g.mark_sent();
+    g.commit(Usage::Reported(8), None);
+    settle().await;
+    assert_eq!(
+        qs.status("a").await.unwrap().current_usage,
+        50,
+        "the reservation from before settles"
+    );
+    acquire(&qs, 1).await.unwrap();
+}
+
+#[test]
+fn the_runtime_runs_in_its_own_thread_for_callers_without_actix() {
+    fn assert_send<T: Send>(_: &T) {}
+    let mut s = settings(1);
+    s.clock = Arc::new(quotagate::domain::time::SystemClock);
+    let qs = QuotaSystem::start_in_thread(
+        s,
+        vec![provider(
+            "p",
+            Strategy::Random,
+            vec![account("a", 10, vec![])],
+        )],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let fut = qs.acquire(MODEL, |_| 4, &[]);
+    assert_send(&fut);
+    let lease = rt.block_on(fut).unwrap();
+    let mut g = lease.guard;
+    g.mark_sent();
+    g.commit(Usage::Reported(3), None);
+    let status = rt.block_on(async {
+        // `do_send` is queued; the status message is processed after it.
+        qs.status("a").await.unwrap()
+    });
+    assert_eq!(status.current_usage, 3);
+    qs.shutdown();
+}
+
+/// Many concurrent callers on several pools (on real arbiters and the real clock): never more
+/// admitted than the limits allow, never more in flight than the concurrency limit, no slot lost.
+#[test]
+fn a_stress_of_concurrent_callers_never_over_admits_nor_leaks_a_slot() {
+    const PER_ACCOUNT: u64 = 40;
+    let mut s = settings(2);
+    s.clock = Arc::new(quotagate::domain::time::SystemClock);
+    let pool = |p: &str| {
+        let accounts = (0..4)
+            .map(|i| {
+                account(
+                    &format!("{p}-{i}"),
+                    0,
+                    vec![
+                        limit(LimitKind::Requests, PER_ACCOUNT, Some(3600)),
+                        limit(LimitKind::Concurrent, 3, None),
+                    ],
+                )
+            })
+            .collect();
+        provider(p, Strategy::LeastUsed, accounts)
+    };
+    let qs = QuotaSystem::start_in_thread(s, vec![pool("x"), pool("y"), pool("z")]).unwrap();
+    let in_flight: Arc<Mutex<std::collections::HashMap<String, u64>>> = Default::default();
+    let admitted: Arc<Mutex<std::collections::HashMap<String, u64>>> = Default::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let (qs, in_flight, admitted) = (qs.clone(), in_flight.clone(), admitted.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut refusals = 0;
+                while refusals < 50 {
+                    match qs.acquire(MODEL, |_| 1, &[]).await {
+                        Ok(lease) => {
+                            let name = lease.account.name.to_string();
+                            {
+                                let mut f = in_flight.lock().unwrap();
+                                let n = f.entry(name.clone()).or_default();
+                                *n += 1;
+                                assert!(*n <= 3, "concurrency exceeded on {name}");
+                            }
+                            *admitted.lock().unwrap().entry(name.clone()).or_default() += 1;
+                            tokio::task::yield_now().await;
+                            *in_flight.lock().unwrap().get_mut(&name).unwrap() -= 1;
+                            let mut g = lease.guard;
+                            g.mark_sent();
+                            g.commit(Usage::Reported(1), None);
+                        }
+                        Err(AcquireError::Refused(_)) => {
+                            refusals += 1;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let admitted = admitted.lock().unwrap();
+    assert_eq!(admitted.len(), 12);
+    for (name, n) in admitted.iter() {
+        assert_eq!(*n, PER_ACCOUNT, "{name} admitted {n}");
+    }
+    rt.block_on(async {
+        for name in admitted.keys() {
+            let stats = qs.rate_stats(name).await.unwrap();
+            for s in stats {
+                assert_eq!(s.in_flight, 0, "{name} {} leaked", s.limit_type);
+            }
+            assert!(qs.status(name).await.unwrap().available);
+        }
+    });
+    qs.shutdown();
+}
