@@ -327,7 +327,7 @@ async fn the_quota_resets_at_the_cron_boundary_and_warns_once_per_period() {
 
     // The boundary passes while the account is idle: the reset happens (and is announced) on time
     // (tokio fires a timer on the first millisecond tick at or after its deadline).
-    advance(Duration::from_millis(3_600_001)).await;
+    advance(Duration::from_millis(3_600_010)).await;
     assert!(
         names(&events).contains(&"quota_reset"),
         "{:?}",
@@ -770,4 +770,242 @@ fn a_stress_of_concurrent_callers_never_over_admits_nor_leaks_a_slot() {
         }
     });
     qs.shutdown();
+}
+
+#[actix::test]
+async fn an_account_actor_that_dies_is_recreated_from_its_last_state_and_charged_like_a_crash() {
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account(
+            "a",
+            1000,
+            vec![limit(LimitKind::Requests, 10, Some(60))],
+        )],
+    )])
+    .await;
+    qs.consume_quota("a", MODEL, 42).await.unwrap();
+    let held = acquire(&qs, 8).await.unwrap();
+    let collected = qs.collect_changed().await;
+    assert_eq!(
+        collected.len(),
+        1,
+        "the pool keeps the last state of each member"
+    );
+    assert_eq!(collected[0].1.in_flight, vec![(8, MODEL.to_string())]);
+    assert!(
+        qs.collect_changed().await.is_empty(),
+        "nothing changed since"
+    );
+
+    // Kill the actor behind the runtime's back.
+    let old = qs.registry().account("a").unwrap().addr.clone();
+    old.do_send(quotagate::actors::account::Stop);
+    settle().await;
+    assert!(!old.connected());
+    drop(held); // its settle message goes to the dead actor: it was counted in the saved state
+
+    // The next acquire finds it dead and revives it; the registry then points at the new actor.
+    let _ = acquire(&qs, 1).await;
+    settle().await;
+    assert!(qs.registry().account("a").unwrap().addr.connected());
+    let status = qs.status("a").await.unwrap();
+    assert!(
+        status.current_usage >= 42 + 8,
+        "usage and the in-flight estimate survive: {}",
+        status.current_usage
+    );
+    let rpm = qs
+        .rate_stats("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.limit_type == "rpm")
+        .unwrap();
+    assert_eq!(
+        rpm.current, rpm.limit,
+        "the unknown gap is charged: the window is full"
+    );
+    assert!(
+        matches!(refused(acquire(&qs, 1).await), Verdict::RateLimited { ref limit, .. } if &**limit == "rpm")
+    );
+}
+
+/// A minimal webhook receiver: records every JSON body it gets.
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = got.clone();
+    let server = HttpServer::new(move || {
+        let sink = sink.clone();
+        App::new().route(
+            "/hook",
+            web::post().to(move |body: web::Json<serde_json::Value>| {
+                sink.lock().unwrap().push(body.into_inner());
+                async { HttpResponse::Ok().finish() }
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let port = server.addrs()[0].port();
+    actix_web::rt::spawn(server.run());
+    (format!("http://127.0.0.1:{port}/hook"), got)
+}
+
+#[actix::test]
+async fn events_reach_the_webhook_and_a_stuck_webhook_only_costs_dropped_events() {
+    let (url, got) = webhook_receiver().await;
+    let mut s = settings(0);
+    s.clock = Arc::new(quotagate::domain::time::SystemClock);
+    s.webhook_url = Some(url);
+    let qs = QuotaSystem::start(
+        s,
+        vec![provider(
+            "p",
+            Strategy::RoundRobin,
+            vec![account("a", 100, vec![])],
+        )],
+        Default::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    qs.consume_quota("a", MODEL, 85).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no webhook call");
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = got.lock().unwrap()[0].clone();
+    assert_eq!(body["event"], "quota_warning");
+    assert_eq!(body["account"], "a");
+    assert_eq!(body["provider"], "p");
+    assert!(body["usage_percent"].as_f64().unwrap() >= 85.0);
+
+    // A webhook that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = settings(0);
+    s.clock = Arc::new(quotagate::domain::time::SystemClock);
+    s.webhook_url = Some(format!("http://{}/hook", listener.local_addr().unwrap()));
+    let stuck = QuotaSystem::start(
+        s,
+        vec![provider(
+            "q",
+            Strategy::RoundRobin,
+            vec![account("b", 100, vec![])],
+        )],
+        Default::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..1_200 {
+        stuck.reset_account("b").await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "emitting never waits for the webhook"
+    );
+    let dropped = stuck.events().metrics().notifications_dropped_total.get();
+    assert!(dropped >= 1_200 - 1_024 - 2, "dropped {dropped}");
+}
+
+#[actix::test]
+async fn changes_written_to_the_store_by_another_process_reach_the_runtime() {
+    use quotagate::actors::catalog;
+    use quotagate::actors::supervisor::CatalogSource;
+    use quotagate::config::{Credentials, DatabaseBackend};
+    use quotagate::manage::{self, NewAccount, NewProvider};
+    use quotagate::secrets::{MasterKey, Secret};
+    use quotagate::store::{providers::Source, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) =
+        Store::open_and_migrate(&DatabaseBackend::Sqlite(dir.path().join("q.db")), 2).unwrap();
+    let key = MasterKey::generate();
+    let quota = QuotaSettings {
+        schedule: Schedule::daily_utc(),
+        warning_threshold: 0.8,
+    };
+    let new_account = |name: &str| NewAccount {
+        provider: "p".into(),
+        name: name.into(),
+        credentials: Credentials {
+            api_key: Secret::new(format!("sk-{name}-0123456789")),
+            headers: Default::default(),
+        },
+        quota_limit: 500,
+        expires_at: None,
+        active: true,
+    };
+    {
+        let mut conn = store.conn().unwrap();
+        let provider = NewProvider {
+            name: "p".into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            strategy: Strategy::LeastUsed,
+            auth_header: "Authorization".into(),
+            auth_scheme: "Bearer".into(),
+            timeout_ms: None,
+            max_completion_tokens: 64,
+            tokenizer: Tokenizer::Bytes,
+            models: vec![(MODEL.into(), 0.0, 0.0)],
+            limits: vec![limit(LimitKind::Requests, 5, Some(60))],
+        };
+        manage::add_provider(&mut conn, &provider, Source::Api).unwrap();
+        manage::add_account(&mut conn, &key, &new_account("a1"), Source::Api, "test").unwrap();
+    }
+    let specs = catalog::load(&mut store.conn().unwrap(), &key, &quota).unwrap();
+    assert_eq!(
+        specs[0].accounts[0]
+            .credentials
+            .as_ref()
+            .unwrap()
+            .api_key
+            .expose(),
+        "sk-a1-0123456789"
+    );
+    let mut s = settings(0);
+    s.clock = Arc::new(quotagate::domain::time::SystemClock);
+    s.source = Some(CatalogSource {
+        store: store.clone(),
+        key: key.clone(),
+        quota,
+        poll_every: Duration::from_millis(100),
+    });
+    let qs = QuotaSystem::start(s, specs, Default::default(), None)
+        .await
+        .unwrap();
+    qs.consume_quota("a1", MODEL, 77).await.unwrap();
+
+    // "The CLI" adds an account and disables the first one.
+    {
+        let mut conn = store.conn().unwrap();
+        manage::add_account(&mut conn, &key, &new_account("a2"), Source::Api, "cli").unwrap();
+        manage::disable_account(&mut conn, "p/a1", "cli", "rotated").unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while qs.registry().account("a2").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new account never arrived"
+        );
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a1 = qs.status("a1").await.unwrap();
+    assert!(
+        !a1.available && a1.reason.as_deref() == Some("rotated"),
+        "{a1:?}"
+    );
+    assert_eq!(a1.current_usage, 77, "counters survive the reload");
+    let lease = qs.acquire(MODEL, |_| 1, &[]).await.unwrap();
+    assert_eq!(&*lease.account.name, "a2");
+    assert_eq!(
+        lease.account.credentials.as_ref().unwrap().api_key.expose(),
+        "sk-a2-0123456789"
+    );
 }

@@ -106,6 +106,12 @@ pub struct ConsumeQuota {
     pub tokens: u64,
 }
 
+/// Brings quota periods and windows up to now (sent by the pool at each quota boundary, so an
+/// idle account resets, and says so, on time).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Roll;
+
 /// Stops the actor (the account was removed). Reservations still in flight are dropped with it.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -123,8 +129,6 @@ pub struct AccountActor {
     events: EventSink,
     /// The pending expiry sweep, if any.
     sweep: Option<(SpawnHandle, Millis)>,
-    /// The pending quota-reset timer, if any.
-    reset_timer: Option<(SpawnHandle, Millis)>,
 }
 
 impl AccountActor {
@@ -142,7 +146,6 @@ impl AccountActor {
             reservation_timeout: crate::domain::time::duration_ms(reservation_timeout),
             events,
             sweep: None,
-            reset_timer: None,
         }
     }
 
@@ -218,33 +221,12 @@ impl AccountActor {
         });
         self.sweep = Some((handle, deadline));
     }
-
-    /// Makes sure the quota resets (and says so) at its boundary even when the account is idle.
-    fn schedule_reset(&mut self, ctx: &mut Context<Self>) {
-        let at = self.account.quota().reset_at();
-        if let Some((handle, scheduled)) = self.reset_timer {
-            if scheduled == at {
-                return;
-            }
-            ctx.cancel_future(handle);
-        }
-        let delay = Duration::from_millis((at - self.now()).max(0) as u64);
-        let handle = ctx.run_later(delay, |act, ctx| {
-            act.reset_timer = None;
-            let now = act.now();
-            act.guarded(|a, ev| a.roll(now, ev));
-            act.publish_usage();
-            act.schedule_reset(ctx);
-        });
-        self.reset_timer = Some((handle, at));
-    }
 }
 
 impl Actor for AccountActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.schedule_reset(ctx);
         self.schedule_sweep(ctx);
         self.publish_usage();
     }
@@ -272,7 +254,7 @@ impl Handler<Reserve> for AccountActor {
 impl Handler<Commit> for AccountActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Commit, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Commit, _ctx: &mut Context<Self>) {
         let now = self.now();
         self.guarded(|a, ev| {
             a.commit(msg.reservation, msg.usage, now, ev);
@@ -281,7 +263,6 @@ impl Handler<Commit> for AccountActor {
             }
         });
         self.publish_usage();
-        self.schedule_reset(ctx);
     }
 }
 
@@ -327,11 +308,10 @@ impl Handler<GetRateStats> for AccountActor {
 impl Handler<Reset> for AccountActor {
     type Result = MessageResult<Reset>;
 
-    fn handle(&mut self, _msg: Reset, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _msg: Reset, _ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
         self.guarded(|a, ev| a.reset(now, ev));
         self.publish_usage();
-        self.schedule_reset(ctx);
         MessageResult(self.account.status(now))
     }
 }
@@ -339,13 +319,12 @@ impl Handler<Reset> for AccountActor {
 impl Handler<UpdateAccount> for AccountActor {
     type Result = Result<(), String>;
 
-    fn handle(&mut self, msg: UpdateAccount, ctx: &mut Context<Self>) -> Result<(), String> {
+    fn handle(&mut self, msg: UpdateAccount, _ctx: &mut Context<Self>) -> Result<(), String> {
         let now = self.now();
         let result = self
             .guarded(|a, _| a.update(&msg.spec, now))
             .unwrap_or_else(|| Err("the update panicked".to_string()));
         self.publish_usage();
-        self.schedule_reset(ctx);
         result
     }
 }
@@ -379,6 +358,16 @@ impl Handler<ConsumeQuota> for AccountActor {
         self.guarded(|a, ev| a.consume(&msg.model, msg.tokens, now, ev));
         self.publish_usage();
         MessageResult(self.account.status(now))
+    }
+}
+
+impl Handler<Roll> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Roll, _ctx: &mut Context<Self>) {
+        let now = self.now();
+        self.guarded(|a, ev| a.roll(now, ev));
+        self.publish_usage();
     }
 }
 
@@ -436,6 +425,21 @@ impl ReservationGuard {
             usage,
             feedback,
         });
+    }
+
+    /// Settles like [`ReservationGuard::commit`] and waits until the account has applied it.
+    pub async fn commit_confirmed(
+        mut self,
+        usage: Usage,
+        feedback: Option<Feedback>,
+    ) -> Result<(), MailboxError> {
+        self.settled = true;
+        let commit = Commit {
+            reservation: self.reservation,
+            usage,
+            feedback,
+        };
+        self.addr.send(commit).await
     }
 
     /// Returns the reservation; only valid while nothing was sent upstream (else it commits at

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Credentials;
-use crate::domain::account::AccountSpec;
+use crate::domain::account::{AccountSpec, Limits};
 use crate::domain::limits::{apply_overrides, LimitSpec, NamedLimit};
 use crate::domain::schedule::Schedule;
 use crate::domain::{Strategy, Tokenizer};
@@ -113,6 +113,8 @@ pub fn load(
             .as_deref()
             .and_then(|j| serde_json::from_str(j).ok());
         let mut members = Vec::new();
+        // Accounts with the same effective limits share one copy of them.
+        let mut shared: Vec<Limits> = Vec::new();
         for a in by_provider.remove(&p.id).unwrap_or_default() {
             let overrides = specs_of(None, Some(&a.id));
             let mut effective: Vec<(Option<Arc<str>>, LimitSpec)> =
@@ -148,7 +150,14 @@ pub fn load(
                 quota_used: u64::try_from(a.quota_used).unwrap_or(0),
                 quota_schedule: quota.schedule.clone(),
                 warning_threshold: quota.warning_threshold,
-                limits: effective,
+                limits: match shared.iter().find(|l| ***l == *effective) {
+                    Some(same) => same.clone(),
+                    None => {
+                        let limits: Limits = effective.into();
+                        shared.push(limits.clone());
+                        limits
+                    }
+                },
                 header_requests: headers.as_ref().and_then(|h| h.requests),
                 header_tokens: headers.as_ref().and_then(|h| h.tokens),
             };

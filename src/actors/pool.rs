@@ -10,11 +10,12 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use super::account::{
-    AccountActor, GetStatus, Rejection, Reserve, Reset, Snapshot, Stop, UpdateAccount,
+    AccountActor, GetStatus, Rejection, Reserve, Reset, Roll, Snapshot, Stop, UpdateAccount,
 };
 use super::events::{AccountRef, EventSink};
 use crate::domain::account::{Account, AccountSpec, AccountState, Denial, Grant, Summary};
 use crate::domain::refusal::Refusals;
+use crate::domain::schedule::Schedule;
 use crate::domain::selection;
 use crate::domain::time::SharedClock;
 use crate::domain::Strategy;
@@ -105,6 +106,15 @@ pub struct RemoveAccount {
     pub account_id: Arc<str>,
 }
 
+/// Tells the supervisor that a member's actor died and was recreated at `addr`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Revived {
+    pub provider_id: Arc<str>,
+    pub account_id: Arc<str>,
+    pub addr: Addr<AccountActor>,
+}
+
 /// The states of members that changed since the last call (for sync, and for recreating a member
 /// that died).
 #[derive(Message, Debug, Clone)]
@@ -132,6 +142,8 @@ pub struct PoolSettings {
     pub reservation_timeout: Duration,
     /// Length of the peak-rate intervals (the sync interval).
     pub peak_interval: Duration,
+    /// When quotas reset: the pool tells its members at each boundary.
+    pub quota_schedule: Schedule,
     pub events: EventSink,
 }
 
@@ -144,6 +156,8 @@ pub struct PoolActor {
     cursor: usize,
     rng: u64,
     settings: PoolSettings,
+    /// Told when a member is recreated, so the registry points at the new actor.
+    on_revive: Option<Recipient<Revived>>,
 }
 
 impl PoolActor {
@@ -152,6 +166,7 @@ impl PoolActor {
         provider: Arc<str>,
         strategy: Strategy,
         settings: PoolSettings,
+        on_revive: Option<Recipient<Revived>>,
     ) -> PoolActor {
         let seed = provider_id.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
@@ -165,6 +180,7 @@ impl PoolActor {
             cursor: 0,
             rng: seed | 1,
             settings,
+            on_revive,
         }
     }
 
@@ -225,7 +241,14 @@ impl PoolActor {
                         event = "actor_restarted", account_id = &**id, provider = &*self.provider;
                         "an account actor died and was recreated from its last state"
                     );
-                    self.members[i].addr = addr;
+                    self.members[i].addr = addr.clone();
+                    if let Some(supervisor) = &self.on_revive {
+                        supervisor.do_send(Revived {
+                            provider_id: self.provider_id.clone(),
+                            account_id: id.clone(),
+                            addr,
+                        });
+                    }
                 }
                 Err(e) => log::error!(account_id = &**id; "cannot recreate account actor: {e}"),
             }
@@ -242,8 +265,28 @@ impl PoolActor {
     }
 }
 
+impl PoolActor {
+    /// One timer per pool (not per account) wakes every member at the quota boundary.
+    fn schedule_quota_boundary(&mut self, ctx: &mut Context<Self>) {
+        let now = self.settings.clock.now_ms();
+        let next = self.settings.quota_schedule.next_after(now);
+        // A millisecond late, so the boundary has certainly passed when members look.
+        let delay = Duration::from_millis((next - now).max(0) as u64 + 1);
+        ctx.run_later(delay, |act, ctx| {
+            for member in &act.members {
+                member.addr.do_send(Roll);
+            }
+            act.schedule_quota_boundary(ctx);
+        });
+    }
+}
+
 impl Actor for PoolActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.schedule_quota_boundary(ctx);
+    }
 }
 
 impl Handler<Acquire> for PoolActor {

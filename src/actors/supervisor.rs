@@ -12,7 +12,8 @@ use actix::prelude::*;
 use super::account::AccountActor;
 use super::catalog::{self, ProviderSpec, QuotaSettings};
 use super::pool::{
-    AddAccount, CollectChanged, PoolActor, PoolSettings, RemoveAccount, SetStrategy, UpdateMember,
+    AddAccount, CollectChanged, PoolActor, PoolSettings, RemoveAccount, Revived, SetStrategy,
+    UpdateMember,
 };
 use super::registry::{AccountEntry, ProviderEntry, Registry, SharedRegistry};
 use crate::domain::account::AccountState;
@@ -108,14 +109,16 @@ impl Supervisor {
         }
     }
 
-    fn start_pool(&mut self, spec: &ProviderSpec) -> Addr<PoolActor> {
+    fn start_pool(&mut self, spec: &ProviderSpec, me: Recipient<Revived>) -> Addr<PoolActor> {
         let (id, name, strategy, settings) = (
             spec.id.clone(),
             spec.name.clone(),
             spec.strategy,
             self.pool_settings.clone(),
         );
-        let make = move |_: &mut Context<PoolActor>| PoolActor::new(id, name, strategy, settings);
+        let make = move |_: &mut Context<PoolActor>| {
+            PoolActor::new(id, name, strategy, settings, Some(me))
+        };
         if self.arbiters.is_empty() {
             PoolActor::create(make)
         } else {
@@ -130,7 +133,11 @@ impl Supervisor {
         let mut accounts = Vec::new();
         for pool in self.pools.values() {
             providers.push(Arc::new(ProviderEntry {
-                spec: pool.spec.clone(),
+                // The registry needs the provider's settings, not its members (those are below).
+                spec: ProviderSpec {
+                    accounts: Vec::new(),
+                    ..pool.spec.clone()
+                },
                 pool: pool.addr.clone(),
             }));
             for member in &pool.spec.accounts {
@@ -201,7 +208,7 @@ impl Supervisor {
     fn apply(
         &mut self,
         msg: ApplyCatalog,
-        _ctx: &mut Context<Self>,
+        ctx: &mut Context<Self>,
     ) -> Pin<Box<dyn ActorFuture<Self, Output = Result<CatalogChange, String>>>> {
         let mut change = CatalogChange::default();
         let wanted: HashMap<Arc<str>, ProviderSpec> = msg
@@ -237,7 +244,7 @@ impl Supervisor {
                     (pool.addr.clone(), pool.spec.accounts.clone())
                 }
                 None => {
-                    let addr = self.start_pool(&spec);
+                    let addr = self.start_pool(&spec, ctx.address().recipient());
                     self.pools.insert(
                         spec.id.clone(),
                         Pool {
@@ -436,6 +443,17 @@ impl Handler<CollectAll> for Supervisor {
             }
             all
         })
+    }
+}
+
+impl Handler<Revived> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Revived, _ctx: &mut Context<Self>) {
+        if let Some(pool) = self.pools.get_mut(&msg.provider_id) {
+            pool.accounts.insert(msg.account_id, msg.addr);
+            self.publish();
+        }
     }
 }
 

@@ -113,6 +113,7 @@ impl QuotaSystem {
             clock: settings.clock.clone(),
             reservation_timeout: settings.reservation_timeout,
             peak_interval: settings.peak_interval,
+            quota_schedule: settings.quota.schedule.clone(),
             events: events.clone(),
         };
         let supervisor = Supervisor::new(

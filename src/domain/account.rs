@@ -27,6 +27,10 @@ const EWMA_WEIGHT: f64 = 0.2;
 #[cfg(feature = "fault-injection")]
 pub const PANIC_MODEL: &str = "quotagate-test-panic";
 
+/// An account's effective limits: `None` model = every model. Shared between accounts that have
+/// the same limits.
+pub type Limits = Arc<[(Option<Arc<str>>, LimitSpec)]>;
+
 /// Everything needed to build an account's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccountSpec {
@@ -40,8 +44,9 @@ pub struct AccountSpec {
     pub quota_used: u64,
     pub quota_schedule: Schedule,
     pub warning_threshold: f64,
-    /// Effective limits (the account's overrides applied): `None` model = every model.
-    pub limits: Vec<(Option<Arc<str>>, LimitSpec)>,
+    /// Effective limits (the account's overrides applied): `None` model = every model. Shared:
+    /// accounts with the same limits hold one copy.
+    pub limits: Limits,
     /// Which windows the upstream's `x-ratelimit-*` headers describe.
     pub header_requests: Option<NamedLimit>,
     pub header_tokens: Option<NamedLimit>,
@@ -298,7 +303,7 @@ impl Account {
     pub fn new(spec: &AccountSpec, now: Millis) -> Result<Account, String> {
         let mut windows = Vec::new();
         let mut concurrent = None;
-        for (model, limit) in &spec.limits {
+        for (model, limit) in spec.limits.iter() {
             match Window::new(limit, model.clone(), now)? {
                 Some(w) => windows.push(w),
                 None => {

@@ -267,8 +267,9 @@ fn a_reservation_refused_by_one_limit_takes_nothing_from_any_other() {
 #[test]
 fn per_model_windows_count_only_their_model_while_provider_windows_count_every_model() {
     let mut s = spec(vec![named(NamedLimit::Rpm, 10)]);
-    s.limits
-        .push((Some(Arc::from("small")), named(NamedLimit::Rpm, 1)));
+    let mut limits = s.limits.to_vec();
+    limits.push((Some(Arc::from("small")), named(NamedLimit::Rpm, 1)));
+    s.limits = limits.into();
     let mut a = open(&s);
     assert_eq!(&*label(&a, 1), "small:rpm");
 
@@ -879,8 +880,9 @@ fn rate_limit_headers_tighten_the_mapped_windows_until_their_reset() {
         named(NamedLimit::Rpm, 100),
         named(NamedLimit::Tpm, 10_000),
     ]);
-    s.limits
-        .push((Some(Arc::from("other")), named(NamedLimit::Rpm, 50)));
+    let mut limits = s.limits.to_vec();
+    limits.push((Some(Arc::from("other")), named(NamedLimit::Rpm, 50)));
+    s.limits = limits.into();
     s.header_requests = Some(NamedLimit::Rpm);
     s.header_tokens = Some(NamedLimit::Tpm);
     let mut a = open(&s);
@@ -1033,8 +1035,9 @@ fn a_crash_gap_is_charged_up_to_the_tightest_window_of_each_kind_and_never_over_
             named(NamedLimit::Tpd, 5_000),
         ],
     );
-    s.limits
-        .push((Some(Arc::from("small")), named(NamedLimit::Rpm, 2)));
+    let mut limits = s.limits.to_vec();
+    limits.push((Some(Arc::from("small")), named(NamedLimit::Rpm, 2)));
+    s.limits = limits.into();
     let mut a = open(&s);
     for (i, model) in ["small", "small", "large"].into_iter().enumerate() {
         let id = granted(&mut a, model, 100, T0 + i as Millis);
@@ -1261,7 +1264,7 @@ impl AccountGen {
         }
         AccountSpec {
             quota_limit: self.quota,
-            limits,
+            limits: limits.into(),
             ..spec(vec![])
         }
     }

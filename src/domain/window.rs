@@ -18,8 +18,8 @@
 //! An upstream's `x-ratelimit-remaining-*` / `-reset-*` headers add a temporary ceiling: until the
 //! reset, at most `remaining` more units. The ceiling only ever tightens the configured limit.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -77,8 +77,10 @@ pub struct WindowCounters {
     pub ceiling: Option<Ceiling>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Window {
+/// What a window is, as opposed to what it holds: shared by every account with the same limit
+/// (see [`definition`]), so that ten thousand accounts do not carry ten thousand copies.
+#[derive(Debug)]
+struct Definition {
     kind: LimitKind,
     limit: u64,
     expiry: Expiry,
@@ -86,6 +88,54 @@ pub struct Window {
     label: Arc<str>,
     /// The model this window applies to; `None` = every model.
     model: Option<Arc<str>>,
+}
+
+type DefinitionKey = (LimitSpec, Option<Arc<str>>);
+
+/// The shared definition of `spec` for `model`. Definitions are few (one per distinct limit), so
+/// the table only grows when an operator adds a new limit.
+fn definition(spec: &LimitSpec, model: Option<Arc<str>>) -> Result<Arc<Definition>, String> {
+    static DEFINITIONS: OnceLock<Mutex<HashMap<DefinitionKey, Arc<Definition>>>> = OnceLock::new();
+    let key = (spec.clone(), model.clone());
+    let table = DEFINITIONS.get_or_init(Default::default);
+    if let Some(found) = table.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(found.clone());
+    }
+    let per = spec
+        .per
+        .map(duration_ms)
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{} limit without a window length", spec.kind))?;
+    let expiry = match &spec.reset {
+        None => Expiry::Sliding {
+            per,
+            bucket: (per / BUCKETS_PER_WINDOW).max(1),
+        },
+        Some(reset) => Expiry::Fixed {
+            schedule: Schedule::new(&reset.cron, &reset.timezone)?,
+        },
+    };
+    let label = match &model {
+        Some(m) => format!("{m}:{}", spec.label()),
+        None => spec.label(),
+    };
+    let def = Arc::new(Definition {
+        kind: spec.kind,
+        limit: spec.limit,
+        expiry,
+        label: Arc::from(label),
+        model,
+    });
+    table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, def.clone());
+    Ok(def)
+}
+
+#[derive(Debug, Clone)]
+pub struct Window {
+    def: Arc<Definition>,
     /// Units of reservations not yet settled.
     inflight: u64,
     /// Sum of `buckets` (sliding) or of the current period (fixed).
@@ -106,35 +156,13 @@ impl Window {
         if spec.kind == LimitKind::Concurrent {
             return Ok(None);
         }
-        let per = spec
-            .per
-            .map(duration_ms)
-            .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{} limit without a window length", spec.kind))?;
-        let (expiry, period_end) = match &spec.reset {
-            None => (
-                Expiry::Sliding {
-                    per,
-                    bucket: (per / BUCKETS_PER_WINDOW).max(1),
-                },
-                0,
-            ),
-            Some(reset) => {
-                let schedule = Schedule::new(&reset.cron, &reset.timezone)?;
-                let end = schedule.next_after(now);
-                (Expiry::Fixed { schedule }, end)
-            }
-        };
-        let label = match &model {
-            Some(m) => format!("{m}:{}", spec.label()),
-            None => spec.label(),
+        let def = definition(spec, model)?;
+        let period_end = match &def.expiry {
+            Expiry::Sliding { .. } => 0,
+            Expiry::Fixed { schedule } => schedule.next_after(now),
         };
         Ok(Some(Window {
-            kind: spec.kind,
-            limit: spec.limit,
-            expiry,
-            label: Arc::from(label),
-            model,
+            def,
             inflight: 0,
             committed: 0,
             buckets: VecDeque::new(),
@@ -144,29 +172,29 @@ impl Window {
     }
 
     pub fn kind(&self) -> LimitKind {
-        self.kind
+        self.def.kind
     }
 
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.def.limit
     }
 
     pub fn label(&self) -> &Arc<str> {
-        &self.label
+        &self.def.label
     }
 
     pub fn model(&self) -> Option<&Arc<str>> {
-        self.model.as_ref()
+        self.def.model.as_ref()
     }
 
     /// Whether a request for `model` counts in this window.
     pub fn applies_to(&self, model: &str) -> bool {
-        self.model.as_deref().is_none_or(|m| m == model)
+        self.def.model.as_deref().is_none_or(|m| m == model)
     }
 
     /// The window's length (sliding) or current period length (fixed), in ms.
     pub fn per_ms(&self) -> Millis {
-        match &self.expiry {
+        match &self.def.expiry {
             Expiry::Sliding { per, .. } => *per,
             Expiry::Fixed { schedule } => {
                 (self.period_end - schedule.previous_at_or_before(self.period_end - 1)).max(1)
@@ -185,7 +213,7 @@ impl Window {
 
     /// Units that may still be admitted now (also under an upstream ceiling).
     pub fn remaining(&self, now: Millis) -> u64 {
-        let mut room = self.limit.saturating_sub(self.used());
+        let mut room = self.def.limit.saturating_sub(self.used());
         if let Some(c) = self.active_ceiling(now) {
             room = room.min(c.remaining.saturating_sub(c.used));
         }
@@ -194,7 +222,7 @@ impl Window {
 
     /// Start of the current window: `now - W` (sliding) or the period start (fixed).
     pub fn window_start(&self, now: Millis) -> Millis {
-        match &self.expiry {
+        match &self.def.expiry {
             Expiry::Sliding { per, .. } => now - per,
             Expiry::Fixed { schedule } => schedule.previous_at_or_before(now),
         }
@@ -202,7 +230,7 @@ impl Window {
 
     /// Forgets what expired by `now`. Cheap when nothing did.
     pub fn roll(&mut self, now: Millis) {
-        match &self.expiry {
+        match &self.def.expiry {
             Expiry::Sliding { .. } => {
                 while let Some(front) = self.buckets.front() {
                     if front.end > now {
@@ -231,16 +259,16 @@ impl Window {
 
     /// Whether `need` more units fit now (call [`Window::roll`] first).
     pub fn check(&self, need: u64, now: Millis) -> Result<(), Block> {
-        if need > self.limit {
+        if need > self.def.limit {
             return Err(Block::Impossible {
-                limit: self.limit,
+                limit: self.def.limit,
                 need,
             });
         }
         let used = self.used();
         let mut block = None;
-        if used + need > self.limit {
-            block = Some(self.retry_at(used + need - self.limit, now));
+        if used + need > self.def.limit {
+            block = Some(self.retry_at(used + need - self.def.limit, now));
         }
         if let Some(c) = self.active_ceiling(now) {
             if c.used + need > c.remaining {
@@ -259,7 +287,7 @@ impl Window {
 
     /// When `excess` units will have been freed.
     fn retry_at(&self, excess: u64, now: Millis) -> Block {
-        match &self.expiry {
+        match &self.def.expiry {
             Expiry::Sliding { per, .. } => {
                 let mut freed = 0;
                 for bucket in &self.buckets {
@@ -308,7 +336,7 @@ impl Window {
             return;
         }
         self.committed += actual;
-        if let Expiry::Sliding { per, bucket } = self.expiry {
+        if let Expiry::Sliding { per, bucket } = self.def.expiry {
             let end = round_up(now.saturating_add(per), bucket);
             match self.buckets.back_mut() {
                 // Merging into a later bucket holds the units longer: conservative.
@@ -362,7 +390,7 @@ impl Window {
         self.committed = 0;
         self.buckets.clear();
         self.ceiling = None;
-        if let Expiry::Fixed { schedule } = &self.expiry {
+        if let Expiry::Fixed { schedule } = &self.def.expiry {
             self.period_end = schedule.next_after(now);
         }
     }
@@ -380,11 +408,11 @@ impl Window {
     /// Restores persisted counters (in-flight units are not restored: see `AccountState`).
     pub fn restore(&mut self, counters: &WindowCounters, now: Millis) {
         self.buckets = counters.buckets.iter().copied().collect();
-        self.committed = match self.expiry {
+        self.committed = match self.def.expiry {
             Expiry::Sliding { .. } => self.buckets.iter().map(|b| b.units).sum(),
             Expiry::Fixed { .. } => counters.committed,
         };
-        if matches!(self.expiry, Expiry::Fixed { .. }) {
+        if matches!(self.def.expiry, Expiry::Fixed { .. }) {
             self.period_end = counters.period_end;
         }
         self.ceiling = counters.ceiling;
