@@ -13,5 +13,6 @@ pub mod selection;
 pub mod time;
 pub mod window;
 
+pub mod estimate;
 #[cfg(test)]
 mod tests;
