@@ -1009,3 +1009,36 @@ async fn changes_written_to_the_store_by_another_process_reach_the_runtime() {
         "sk-a2-0123456789"
     );
 }
+
+#[actix::test]
+async fn a_changed_strategy_applies_to_the_next_acquire() {
+    let pool = |strategy| {
+        provider(
+            "p",
+            strategy,
+            vec![account("a", 100, vec![]), account("b", 100, vec![])],
+        )
+    };
+    let qs = start(vec![pool(Strategy::RoundRobin)]).await;
+    let first = acquire(&qs, 1).await.unwrap();
+    let second = acquire(&qs, 1).await.unwrap();
+    assert_ne!(
+        first.account.name, second.account.name,
+        "round robin alternates"
+    );
+    drop((first, second));
+    settle().await;
+    qs.consume_quota("a", MODEL, 50).await.unwrap();
+    qs.apply_catalog(vec![pool(Strategy::LeastUsed)])
+        .await
+        .unwrap();
+    // The pool learns each account's usage from its replies; after one round it stays on `b`.
+    let _ = acquire(&qs, 1).await.unwrap();
+    for _ in 0..4 {
+        let lease = acquire(&qs, 1).await.unwrap();
+        assert_eq!(
+            &*lease.account.name, "b",
+            "least used picks the account with less quota used"
+        );
+    }
+}
