@@ -197,7 +197,6 @@ fn main() {
             settings(0),
             vec![provider("p", 16)],
             Default::default(),
-            None,
         ))
         .unwrap();
     let acquire_commit = |qs: QuotaSystem| async move {
@@ -240,7 +239,6 @@ fn main() {
             settings(1),
             vec![provider("q", 16)],
             Default::default(),
-            None,
         ))
         .unwrap();
     let run_for = if full {
@@ -277,12 +275,7 @@ fn main() {
     let before = resident_bytes();
     let t = Instant::now();
     let big = system
-        .block_on(QuotaSystem::start(
-            settings(2),
-            specs,
-            Default::default(),
-            None,
-        ))
+        .block_on(QuotaSystem::start(settings(2), specs, Default::default()))
         .unwrap();
     let start_ms = t.elapsed().as_secs_f64() * 1000.0;
     let per_account = resident_bytes().saturating_sub(before) / accounts as u64;

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub notifications_failed_total: IntCounter,
     /// Accounts loaded in the runtime.
     pub accounts_loaded: IntGauge,
+    /// Failed sync rounds per copy (`redis`, `database`).
+    pub sync_failures_total: IntCounterVec,
+    /// Seconds since each copy was last written successfully.
+    pub sync_lag_seconds: GaugeVec,
+    /// 1 while the last write to the copy succeeded.
+    pub sync_up: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -95,6 +101,30 @@ impl Metrics {
             .expect("valid metric"),
             accounts_loaded: IntGauge::new("quotagate_accounts_loaded", "Accounts in the runtime")
                 .expect("valid metric"),
+            sync_failures_total: IntCounterVec::new(
+                Opts::new(
+                    "quotagate_sync_failures_total",
+                    "Failed sync rounds per copy",
+                ),
+                &["target"],
+            )
+            .expect("valid metric"),
+            sync_lag_seconds: GaugeVec::new(
+                Opts::new(
+                    "quotagate_sync_lag_seconds",
+                    "Seconds since each copy was last written",
+                ),
+                &["target"],
+            )
+            .expect("valid metric"),
+            sync_up: IntGaugeVec::new(
+                Opts::new(
+                    "quotagate_sync_up",
+                    "1 while the last write to the copy succeeded",
+                ),
+                &["target"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -107,6 +137,9 @@ impl Metrics {
             Box::new(m.notifications_dropped_total.clone()),
             Box::new(m.notifications_failed_total.clone()),
             Box::new(m.accounts_loaded.clone()),
+            Box::new(m.sync_failures_total.clone()),
+            Box::new(m.sync_lag_seconds.clone()),
+            Box::new(m.sync_up.clone()),
         ] {
             m.registry
                 .register(collector)

@@ -94,7 +94,7 @@ async fn start(specs: Vec<ProviderSpec>) -> QuotaSystem {
 
 /// Another runtime in the same (already paused) test.
 async fn start_another(specs: Vec<ProviderSpec>) -> QuotaSystem {
-    QuotaSystem::start(settings(0), specs, Default::default(), None)
+    QuotaSystem::start(settings(0), specs, Default::default())
         .await
         .unwrap()
 }
@@ -869,7 +869,6 @@ async fn events_reach_the_webhook_and_a_stuck_webhook_only_costs_dropped_events(
             vec![account("a", 100, vec![])],
         )],
         Default::default(),
-        None,
     )
     .await
     .unwrap();
@@ -898,7 +897,6 @@ async fn events_reach_the_webhook_and_a_stuck_webhook_only_costs_dropped_events(
             vec![account("b", 100, vec![])],
         )],
         Default::default(),
-        None,
     )
     .await
     .unwrap();
@@ -977,7 +975,7 @@ async fn changes_written_to_the_store_by_another_process_reach_the_runtime() {
         quota,
         poll_every: Duration::from_millis(100),
     });
-    let qs = QuotaSystem::start(s, specs, Default::default(), None)
+    let qs = QuotaSystem::start(s, specs, Default::default())
         .await
         .unwrap();
     qs.consume_quota("a1", MODEL, 77).await.unwrap();

@@ -24,15 +24,21 @@ use crate::store::{settings, Store};
 // Messages
 // ------------------------------------------------------------------------------------------------
 
+/// A saved state to start an account from, and the unknown gap to charge (none after a clean
+/// stop).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    pub state: AccountState,
+    pub gap: Option<i64>,
+}
+
 /// Makes the runtime serve exactly `specs`: new pools and accounts start (from `saved` state when
 /// given), changed ones are updated in place (keeping counters), missing ones are removed.
 #[derive(Message, Debug, Clone, Default)]
 #[rtype(result = "Result<CatalogChange, String>")]
 pub struct ApplyCatalog {
     pub specs: Vec<ProviderSpec>,
-    pub saved: HashMap<Arc<str>, AccountState>,
-    /// Charge this crash gap (ms) to restored accounts (no clean-shutdown mark).
-    pub gap: Option<i64>,
+    pub saved: HashMap<Arc<str>, Restored>,
 }
 
 /// What an `ApplyCatalog` changed.
@@ -268,8 +274,8 @@ impl Supervisor {
                     None => pool_steps.push(PoolStep::Add(AddAccount {
                         name: member.name.clone(),
                         spec: member.spec.clone(),
-                        saved: msg.saved.get(&member.spec.id).cloned(),
-                        gap: msg.gap,
+                        saved: msg.saved.get(&member.spec.id).map(|r| r.state.clone()),
+                        gap: msg.saved.get(&member.spec.id).and_then(|r| r.gap),
                     })),
                 }
             }

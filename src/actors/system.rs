@@ -20,7 +20,7 @@ use super::events::{Event, EventSink, Notifier};
 use super::pool::{Acquire, GetPoolStatus, PoolSettings, PoolStatus, ResetAll};
 use super::registry::{self, AccountEntry, Lookup, ProviderEntry, Registry, SharedRegistry};
 use super::supervisor::{
-    ApplyCatalog, CatalogChange, CatalogSource, CollectAll, Reload, Supervisor,
+    ApplyCatalog, CatalogChange, CatalogSource, CollectAll, Reload, Restored, Supervisor,
 };
 use crate::domain::account::{AccountEvent, AccountState, Denial, Grant, QuotaStatus, WindowStats};
 use crate::domain::refusal::{Refusals, Verdict};
@@ -90,13 +90,12 @@ impl std::fmt::Debug for QuotaSystem {
 }
 
 impl QuotaSystem {
-    /// Starts the runtime on the current actix system and loads `specs` (restoring `saved`
-    /// states; `gap` charges a crash gap).
+    /// Starts the runtime on the current actix system and loads `specs`, starting accounts from
+    /// their `saved` states (with the crash gap to charge, if any).
     pub async fn start(
         settings: RuntimeSettings,
         specs: Vec<ProviderSpec>,
-        saved: HashMap<Arc<str>, AccountState>,
-        gap: Option<i64>,
+        saved: HashMap<Arc<str>, Restored>,
     ) -> Result<QuotaSystem, String> {
         let notifier = settings
             .webhook_url
@@ -124,7 +123,7 @@ impl QuotaSystem {
         )
         .start();
         let change = supervisor
-            .send(ApplyCatalog { specs, saved, gap })
+            .send(ApplyCatalog { specs, saved })
             .await
             .map_err(|e| e.to_string())??;
         log::info!(
@@ -153,7 +152,7 @@ impl QuotaSystem {
                 let system = actix::System::new();
                 let handle = actix::System::current();
                 system.block_on(async move {
-                    let started = QuotaSystem::start(settings, specs, HashMap::new(), None)
+                    let started = QuotaSystem::start(settings, specs, HashMap::new())
                         .await
                         .map(|mut qs| {
                             qs.own_system = Some(handle);

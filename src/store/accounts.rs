@@ -70,6 +70,23 @@ pub fn delete(conn: &mut DbConn, id: &str) -> Result<(), StoreError> {
     super::settings::bump_catalog(conn)
 }
 
+/// Writes the runtime's usage counters (the periodic sync). Not a catalog change: running servers
+/// are not asked to reload for it.
+pub fn record_usage(
+    conn: &mut DbConn,
+    id: &str,
+    quota_used: i64,
+    last_reset: NaiveDateTime,
+) -> Result<(), StoreError> {
+    diesel::update(accounts::table.find(id))
+        .set((
+            accounts::quota_used.eq(quota_used),
+            accounts::last_reset.eq(last_reset),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
 /// Enables or disables an account; `reason` is kept for people (cleared on enable).
 pub fn set_active(
     conn: &mut DbConn,

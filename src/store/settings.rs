@@ -12,6 +12,13 @@ pub const ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 /// notices what another process (the CLI) changed and reloads.
 pub const CATALOG_VERSION: &str = "catalog_version";
 
+/// ms since the epoch of the last completed database sync tick.
+pub const HEARTBEAT: &str = "sync_heartbeat";
+
+/// Present with the value `clean` after a graceful shutdown flushed everything; any other value
+/// (or none) at start means the previous process stopped without it.
+pub const SHUTDOWN_MARK: &str = "shutdown_mark";
+
 /// Marks the catalog as changed (called by every function that writes it).
 pub fn bump_catalog(conn: &mut DbConn) -> Result<(), StoreError> {
     put(conn, CATALOG_VERSION, &super::new_id())
