@@ -20,6 +20,7 @@ use crate::cli::open_store;
 use crate::config::{Arbiters, Config};
 use crate::domain::schedule::Schedule;
 use crate::domain::time::{Clock as _, SystemClock};
+use crate::http::auth::Credentials;
 use crate::http::{self, AppState};
 use crate::manage;
 use crate::metrics::Metrics;
@@ -70,10 +71,18 @@ async fn serve(config: Config) -> Result<(), String> {
     let metrics = Metrics::new();
     let runtime = start_runtime(&config, &store, &master_key, redis.as_ref(), &metrics).await?;
     let syncer = start_syncer(&config, &runtime, &store, redis.clone(), &metrics);
+    let credentials = Credentials::new(&config.security.admin_token);
+    credentials
+        .reload(&mut *store.conn().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    refresh_credentials(credentials.clone(), store.clone());
     let state = AppState {
         store: store.clone(),
         redis,
         runtime,
+        credentials,
+        syncer: syncer.clone(),
+        master_key: master_key.clone(),
     };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -190,6 +199,26 @@ pub async fn start_runtime(
         }),
     };
     QuotaSystem::start(settings, specs, plan.saved).await
+}
+
+/// Re-reads client keys and the admin token every few seconds, so what the CLI changes reaches the
+/// running server (the admin API changes the in-memory copy at once).
+fn refresh_credentials(credentials: Credentials, store: Store) {
+    actix_web::rt::spawn(async move {
+        let mut every = actix_web::rt::time::interval(CATALOG_POLL);
+        loop {
+            every.tick().await;
+            let (credentials, store) = (credentials.clone(), store.clone());
+            let reloaded = tokio::task::spawn_blocking(move || {
+                let mut conn = store.conn()?;
+                credentials.reload(&mut conn)
+            })
+            .await;
+            if let Ok(Err(e)) = reloaded {
+                log::warn!(event = "credentials_refresh_failed"; "cannot re-read client keys: {e}");
+            }
+        }
+    });
 }
 
 /// Starts the periodic sync of account state to the database and Redis.

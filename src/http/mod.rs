@@ -1,6 +1,9 @@
-//! The HTTP front door (actix-web). One route table ([`configure`]); handlers are thin.
-//!
-//! This issue serves only the operations endpoints `/healthz` and `/readyz`.
+//! The HTTP front door (actix-web). One route table ([`configure`]); handlers are thin: they
+//! parse, send a message or call a store function, and map the result; errors become answers in
+//! one place ([`error::ApiError`]).
+
+pub mod auth;
+pub mod error;
 
 use std::time::Duration;
 
@@ -9,6 +12,7 @@ use serde::Serialize;
 
 use crate::actors::QuotaSystem;
 use crate::store::Store;
+use crate::sync::syncer::Syncer;
 
 /// What handlers share. Cloned into every worker.
 #[derive(Clone)]
@@ -17,6 +21,12 @@ pub struct AppState {
     /// `None` when Redis is off (`redis.host` empty).
     pub redis: Option<redis::Client>,
     pub runtime: QuotaSystem,
+    /// Client keys and the admin token, in memory.
+    pub credentials: auth::Credentials,
+    /// Writes account state to the database and Redis (`POST /api/v1/admin/flush`).
+    pub syncer: actix::Addr<Syncer>,
+    /// The master key, to seal credentials given through the admin API.
+    pub master_key: crate::secrets::MasterKey,
 }
 
 /// How long a readiness probe waits for each dependency.
