@@ -3,8 +3,8 @@
 //! Names follow the seed where it had them (`quota_usage_percent`, `rate_limit_hits_total`).
 
 use prometheus::{
-    Encoder as _, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric of the process. Cloning is cheap (the collectors are reference-counted).
@@ -35,6 +35,12 @@ pub struct Metrics {
     pub sync_lag_seconds: GaugeVec,
     /// 1 while the last write to the copy succeeded.
     pub sync_up: IntGaugeVec,
+    /// The request tracker and the scheduled jobs.
+    pub tracking: TrackingMetrics,
+    /// Client requests by provider (`-` when refused before one was chosen) and status.
+    pub requests_total: IntCounterVec,
+    /// Client request latency by provider and status, seconds.
+    pub request_duration_seconds: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -125,6 +131,27 @@ impl Metrics {
                 &["target"],
             )
             .expect("valid metric"),
+            tracking: TrackingMetrics::new(),
+            requests_total: IntCounterVec::new(
+                Opts::new(
+                    "quotagate_requests_total",
+                    "Client requests by provider and status",
+                ),
+                &["provider", "status"],
+            )
+            .expect("valid metric"),
+            request_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "quotagate_request_duration_seconds",
+                    "Client request latency by provider and status",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0,
+                ]),
+                &["provider", "status"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -140,7 +167,14 @@ impl Metrics {
             Box::new(m.sync_failures_total.clone()),
             Box::new(m.sync_lag_seconds.clone()),
             Box::new(m.sync_up.clone()),
+            Box::new(m.requests_total.clone()),
+            Box::new(m.request_duration_seconds.clone()),
         ] {
+            m.registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        for collector in m.tracking.collectors() {
             m.registry
                 .register(collector)
                 .expect("metric names are unique");
@@ -160,5 +194,70 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Metrics of the request tracker and the scheduled jobs (`actors::tracker`, `jobs`).
+#[derive(Clone)]
+pub struct TrackingMetrics {
+    /// Rows (request logs and audit rows) received and not yet written.
+    pub tracker_queue_depth: IntGauge,
+    /// Rows dropped because the tracker's buffer or mailbox was full.
+    pub tracker_dropped_total: IntCounter,
+    /// Rows the database refused one by one after their batch failed (they cannot be written).
+    pub tracker_rejected_total: IntCounter,
+    /// Batch writes that failed (the rows are kept and retried).
+    pub tracker_write_failures_total: IntCounter,
+    /// Rows written.
+    pub tracker_rows_written_total: IntCounter,
+    /// Scheduled job runs by `job` (`cleanup`, `aggregate`) and `outcome` (`ok`, `failed`).
+    pub job_runs_total: IntCounterVec,
+}
+
+impl TrackingMetrics {
+    fn new() -> TrackingMetrics {
+        TrackingMetrics {
+            tracker_queue_depth: IntGauge::new(
+                "quotagate_tracker_queue_depth",
+                "Request log and audit rows received by the tracker and not yet written",
+            )
+            .expect("valid metric"),
+            tracker_dropped_total: IntCounter::new(
+                "quotagate_tracker_dropped_total",
+                "Rows dropped because the tracker's buffer was full",
+            )
+            .expect("valid metric"),
+            tracker_rejected_total: IntCounter::new(
+                "quotagate_tracker_rejected_total",
+                "Rows the database refused (written one by one after their batch failed)",
+            )
+            .expect("valid metric"),
+            tracker_write_failures_total: IntCounter::new(
+                "quotagate_tracker_write_failures_total",
+                "Tracker batch writes that failed (rows kept and retried)",
+            )
+            .expect("valid metric"),
+            tracker_rows_written_total: IntCounter::new(
+                "quotagate_tracker_rows_written_total",
+                "Rows written by the tracker",
+            )
+            .expect("valid metric"),
+            job_runs_total: IntCounterVec::new(
+                Opts::new("quotagate_job_runs_total", "Scheduled job runs"),
+                &["job", "outcome"],
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.tracker_queue_depth.clone()),
+            Box::new(self.tracker_dropped_total.clone()),
+            Box::new(self.tracker_rejected_total.clone()),
+            Box::new(self.tracker_write_failures_total.clone()),
+            Box::new(self.tracker_rows_written_total.clone()),
+            Box::new(self.job_runs_total.clone()),
+        ]
     }
 }

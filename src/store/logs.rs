@@ -30,26 +30,30 @@ pub struct NewRequestLog {
 }
 
 /// Inserts `rows` in one transaction, in chunks that stay under both backends' bind limits.
+/// Only the log: [`super::stats::record_batch`] also keeps the daily rollups up to date.
 pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
+    conn.transaction(|conn| insert_rows(conn, rows))
+}
+
+/// The statements of [`insert_batch`], for callers that already hold a transaction.
+pub(super) fn insert_rows(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
     // 16 columns per row; SQLite allows 32766 bound values, Postgres 65535.
     const ROWS_PER_STATEMENT: usize = 1000;
-    conn.transaction(|conn| {
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            match conn {
-                DbConn::Postgres(c) => {
-                    diesel::insert_into(request_logs::table)
-                        .values(chunk)
-                        .execute(c)?;
-                }
-                DbConn::Sqlite(c) => {
-                    diesel::insert_into(request_logs::table)
-                        .values(chunk)
-                        .execute(c)?;
-                }
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        match conn {
+            DbConn::Postgres(c) => {
+                diesel::insert_into(request_logs::table)
+                    .values(chunk)
+                    .execute(c)?;
+            }
+            DbConn::Sqlite(c) => {
+                diesel::insert_into(request_logs::table)
+                    .values(chunk)
+                    .execute(c)?;
             }
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 pub fn count(conn: &mut DbConn) -> Result<i64, StoreError> {

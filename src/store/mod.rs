@@ -13,6 +13,7 @@ pub mod providers;
 pub mod schema;
 pub mod settings;
 pub mod state;
+pub mod stats;
 
 use std::path::Path;
 use std::time::Duration;

@@ -127,6 +127,35 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// Daily sums per (day, provider, user, model); `user_id` is '' for requests without a user.
+    usage_daily (day, provider_id, user_id, model) {
+        day -> Date,
+        provider_id -> Text,
+        user_id -> Text,
+        model -> Text,
+        requests -> BigInt,
+        successes -> BigInt,
+        errors -> BigInt,
+        timeouts -> BigInt,
+        quota_exhausted -> BigInt,
+        rate_limited -> BigInt,
+        input_tokens -> BigInt,
+        output_tokens -> BigInt,
+        latency_ms -> BigInt,
+        cost -> Double,
+    }
+}
+
+diesel::table! {
+    /// The users each provider served on each day (for unique users across days).
+    usage_daily_users (provider_id, day, user_id) {
+        provider_id -> Text,
+        day -> Date,
+        user_id -> Text,
+    }
+}
+
+diesel::table! {
     account_audit (id) {
         id -> BigInt,
         account_id -> Text,
@@ -170,6 +199,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     rate_limits,
     request_logs,
     provider_stats,
+    usage_daily,
+    usage_daily_users,
     account_audit,
     account_state,
     settings,
