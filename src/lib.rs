@@ -9,6 +9,7 @@
 //! - [`provision`]: upserts the providers declared in `config.yaml`.
 //! - [`sync`]: the Redis link.
 //! - [`http`]: the actix-web front door.
+//! - [`jobs`]: scheduled jobs: retention cleanup and daily aggregation of request statistics.
 //! - [`server`]: `quotagate serve`: start-up, first-start secrets, signals.
 //! - [`doctor`]: `quotagate doctor`: diagnoses config, database, Redis and providers.
 //! - [`cli`]: the command line.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod doctor;
 pub mod domain;
 pub mod http;
+pub mod jobs;
 pub mod logging;
 pub mod manage;
 pub mod metrics;

@@ -15,18 +15,22 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::catalog::{self, ProviderSpec, QuotaSettings};
 use crate::actors::supervisor::CatalogSource;
+use crate::actors::tracker::{audit_runtime_events, Tracker};
 use crate::actors::{QuotaSystem, RuntimeSettings};
 use crate::cli::open_store;
 use crate::config::{Arbiters, Config};
+use crate::domain::account::AccountEvent;
 use crate::domain::schedule::Schedule;
 use crate::domain::time::{Clock as _, SystemClock};
 use crate::http::auth::Credentials;
+use crate::http::upstream::UpstreamSettings;
 use crate::http::{self, AppState};
+use crate::jobs::Scheduler;
 use crate::manage;
 use crate::metrics::Metrics;
 use crate::provision;
 use crate::secrets::{self, KeyOrigin, MasterKey};
-use crate::store::{keys, settings, Store, StoreError};
+use crate::store::{accounts, keys, settings, Store, StoreError};
 use crate::sync::restore;
 use crate::sync::syncer::{Flush, SyncSettings, Syncer};
 
@@ -71,11 +75,16 @@ async fn serve(config: Config) -> Result<(), String> {
     let metrics = Metrics::new();
     let runtime = start_runtime(&config, &store, &master_key, redis.as_ref(), &metrics).await?;
     let syncer = start_syncer(&config, &runtime, &store, redis.clone(), &metrics);
+    persist_disabled_accounts(&runtime, &store);
+    let tracker = Tracker::start(store.clone(), &config.tracking, &metrics);
+    audit_runtime_events(runtime.events(), tracker.clone());
+    let _scheduler = Scheduler::start(store.clone(), &config.jobs, &config.tracking, &metrics)?;
     let credentials = Credentials::new(&config.security.admin_token);
     credentials
         .reload(&mut *store.conn().map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
     refresh_credentials(credentials.clone(), store.clone());
+    let runtime_for_shutdown = runtime.clone();
     let state = AppState {
         store: store.clone(),
         redis,
@@ -83,6 +92,15 @@ async fn serve(config: Config) -> Result<(), String> {
         credentials,
         syncer: syncer.clone(),
         master_key: master_key.clone(),
+        upstream: UpstreamSettings {
+            connect_timeout: config.upstream.connect_timeout,
+            timeout: config.upstream.timeout,
+            stream_idle_timeout: config.upstream.stream_idle_timeout,
+            retries: config.upstream.retries,
+        },
+        // Well before the reservation would expire.
+        renew_every: (config.sync.reservation_timeout / 3).max(Duration::from_secs(1)),
+        tracker: tracker.clone(),
     };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -91,6 +109,8 @@ async fn serve(config: Config) -> Result<(), String> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
+            // One pooled upstream client per worker thread.
+            .app_data(web::Data::new(http::upstream::client(&state.upstream)))
             .configure(http::configure)
     })
     .workers(workers)
@@ -123,7 +143,16 @@ async fn serve(config: Config) -> Result<(), String> {
         handle.stop(true).await;
     });
     server.await.map_err(|e| e.to_string())?;
+    // Requests cut at the end of the grace period settle as their handlers are dropped, on the
+    // workers' threads: wait until every settling message is queued before flushing.
+    let open = runtime_for_shutdown.settled(Duration::from_secs(10)).await;
+    if open > 0 {
+        log::error!(event = "shutdown", open = open; "reservations still unsettled after 10 s; they are saved as in flight");
+    }
 
+    if let Err(e) = tracker.flush().await {
+        log::error!(event = "shutdown"; "request-log flush failed: {e}");
+    }
     // Every handler has finished or was dropped: their settling messages are queued ahead of the
     // flush's snapshots, so the flush sees them.
     match syncer
@@ -199,6 +228,27 @@ pub async fn start_runtime(
         }),
     };
     QuotaSystem::start(settings, specs, plan.saved).await
+}
+
+/// An account the runtime disabled (its key was refused upstream) stays disabled after a restart:
+/// the change is written to the store (the tracker writes its audit row).
+fn persist_disabled_accounts(runtime: &QuotaSystem, store: &Store) {
+    let store = store.clone();
+    runtime.subscribe(move |event| {
+        let AccountEvent::Disabled { reason } = &event.kind else {
+            return;
+        };
+        let (store, id, reason) = (store.clone(), event.account.account_id.clone(), reason.clone());
+        // The callback runs on the account's thread: the write goes to the blocking pool.
+        tokio::task::spawn_blocking(move || {
+            let written = store
+                .conn()
+                .and_then(|mut conn| accounts::set_active(&mut conn, &id, false, Some(&reason)));
+            if let Err(e) = written {
+                log::error!(event = "persist_failed", account_id = &*id; "cannot record the disabled account: {e}");
+            }
+        });
+    });
 }
 
 /// Re-reads client keys and the admin token every few seconds, so what the CLI changes reaches the

@@ -506,3 +506,31 @@ fn serve_hands_out_first_secrets_once_answers_health_and_stops_on_sigterm() {
     );
     assert!(!stderr(&again).contains("generated a new master key"));
 }
+
+#[test]
+fn the_readme_example_of_free_tier_providers_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Free-tier limits")
+        .nth(1)
+        .expect("the section exists");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the section has a yaml block");
+    let env: std::collections::BTreeMap<String, String> = [
+        "GROQ_KEY_1",
+        "GROQ_KEY_2",
+        "CEREBRAS_KEY_1",
+        "OPENROUTER_KEY_1",
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), format!("sk-{k}-0000")))
+    .collect();
+    let config =
+        quotagate::config::Config::from_yaml(yaml, Path::new("/tmp/readme/config.yaml"), &env)
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.providers.len(), 3);
+}

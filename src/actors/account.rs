@@ -129,6 +129,9 @@ pub struct AccountActor {
     events: EventSink,
     /// The pending expiry sweep, if any.
     sweep: Option<(SpawnHandle, Millis)>,
+    /// The provider's in-flight gauge, and how much of it is this account's.
+    inflight_gauge: prometheus::IntGauge,
+    inflight_reported: i64,
 }
 
 impl AccountActor {
@@ -139,11 +142,17 @@ impl AccountActor {
         reservation_timeout: Duration,
         events: EventSink,
     ) -> AccountActor {
+        let inflight_gauge = events
+            .metrics()
+            .reservations_in_flight
+            .with_label_values(&[&*who.provider_id]);
         AccountActor {
             account,
             who,
             clock,
             reservation_timeout: crate::domain::time::duration_ms(reservation_timeout),
+            inflight_gauge,
+            inflight_reported: 0,
             events,
             sweep: None,
         }
@@ -185,6 +194,13 @@ impl AccountActor {
         }
     }
 
+    /// Moves the provider's in-flight gauge by this account's change since the last call.
+    fn publish_inflight(&mut self) {
+        let now = self.account.inflight() as i64;
+        self.inflight_gauge.add(now - self.inflight_reported);
+        self.inflight_reported = now;
+    }
+
     fn publish_usage(&self) {
         let status = self.account.status(self.now());
         self.events
@@ -210,6 +226,7 @@ impl AccountActor {
             act.sweep = None;
             let now = act.now();
             let expired = act.guarded(|a, ev| a.expire(now, ev)).unwrap_or(0);
+            act.publish_inflight();
             if expired > 0 {
                 log::warn!(
                     event = "reservation_expired", account_id = &*act.who.account_id, count = expired;
@@ -230,6 +247,11 @@ impl Actor for AccountActor {
         self.schedule_sweep(ctx);
         self.publish_usage();
     }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // A removed account's reservations no longer count.
+        self.inflight_gauge.sub(self.inflight_reported);
+    }
 }
 
 impl Handler<Reserve> for AccountActor {
@@ -240,6 +262,7 @@ impl Handler<Reserve> for AccountActor {
         let timeout = self.reservation_timeout;
         let result = self.guarded(|a, ev| a.reserve(&msg.model, msg.estimate, now, timeout, ev));
         let summary = self.account.summary(now);
+        self.publish_inflight();
         match result {
             Some(Ok(grant)) => {
                 self.schedule_sweep(ctx);
@@ -263,6 +286,7 @@ impl Handler<Commit> for AccountActor {
             }
         });
         self.publish_usage();
+        self.publish_inflight();
     }
 }
 
@@ -271,6 +295,7 @@ impl Handler<Release> for AccountActor {
 
     fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
         self.guarded(|a, _| a.release(msg.reservation));
+        self.publish_inflight();
     }
 }
 
@@ -392,6 +417,34 @@ pub struct ReservationGuard {
     reservation: u64,
     sent_upstream: bool,
     settled: bool,
+    /// Counts the guard as outstanding until its settling message is queued (dropped last).
+    _ticket: Option<Ticket>,
+}
+
+/// Counts reservations not yet settled, so a shutdown can wait until every settling message of
+/// the requests it cut is queued before it flushes the state.
+#[derive(Debug, Clone, Default)]
+pub struct Outstanding(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One outstanding reservation; dropping it counts it as settled.
+#[derive(Debug)]
+pub struct Ticket(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Outstanding {
+    pub fn ticket(&self) -> Ticket {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ticket(self.0.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ReservationGuard {
@@ -401,7 +454,14 @@ impl ReservationGuard {
             reservation,
             sent_upstream: false,
             settled: false,
+            _ticket: None,
         }
+    }
+
+    /// Counts this guard in `outstanding` until it is settled.
+    pub fn counted_in(mut self, outstanding: &Outstanding) -> ReservationGuard {
+        self._ticket = Some(outstanding.ticket());
+        self
     }
 
     pub fn reservation(&self) -> u64 {
@@ -440,6 +500,14 @@ impl ReservationGuard {
             feedback,
         };
         self.addr.send(commit).await
+    }
+
+    /// Returns a reservation whose request provably never left (the connection to the upstream
+    /// could not be opened), even after [`ReservationGuard::mark_sent`].
+    pub fn release_unsent(mut self) {
+        self.sent_upstream = false;
+        self.settled = true;
+        self.settle_unknown();
     }
 
     /// Returns the reservation; only valid while nothing was sent upstream (else it commits at

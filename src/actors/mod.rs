@@ -9,6 +9,7 @@ pub mod pool;
 pub mod registry;
 pub mod supervisor;
 pub mod system;
+pub mod tracker;
 
 pub use system::{AcquireError, Lease, QuotaSystem, RuntimeSettings};
 

@@ -10,7 +10,8 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use super::account::{
-    AccountActor, GetStatus, Rejection, Reserve, Reset, Roll, Snapshot, Stop, UpdateAccount,
+    AccountActor, CheckAvailability, GetStatus, Rejection, Reserve, Reset, Roll, Snapshot, Stop,
+    UpdateAccount,
 };
 use super::events::{AccountRef, EventSink};
 use crate::domain::account::{Account, AccountSpec, AccountState, Denial, Grant, Summary};
@@ -295,14 +296,18 @@ impl Handler<Acquire> for PoolActor {
     fn handle(&mut self, msg: Acquire, _ctx: &mut Context<Self>) -> Self::Result {
         let summaries: Vec<Summary> = self.members.iter().map(|m| m.summary).collect();
         let order = selection::order(self.strategy, &summaries, &mut self.cursor, &mut self.rng);
-        let tries: Vec<(Arc<str>, Arc<str>, Addr<AccountActor>)> = order
+        let (excluded, tries): (Vec<usize>, Vec<usize>) = order
             .into_iter()
-            .filter(|&i| !msg.exclude.contains(&self.members[i].id))
-            .map(|i| {
-                let m = &self.members[i];
-                (m.id.clone(), m.name.clone(), m.addr.clone())
-            })
-            .collect();
+            .partition(|&i| msg.exclude.contains(&self.members[i].id));
+        let member = |i: usize| {
+            let m = &self.members[i];
+            (m.id.clone(), m.name.clone(), m.addr.clone())
+        };
+        let tries: Vec<(Arc<str>, Arc<str>, Addr<AccountActor>)> =
+            tries.into_iter().map(member).collect();
+        // Accounts already tried for this request are not reserved again, but when nothing else
+        // has room their state (e.g. the cooldown an upstream 429 just set) decides the answer.
+        let excluded: Vec<Addr<AccountActor>> = excluded.into_iter().map(|i| member(i).2).collect();
         let provider = self.provider.clone();
         let provider_id = self.provider_id.clone();
         let metrics = self.settings.events.metrics().clone();
@@ -357,6 +362,15 @@ impl Handler<Acquire> for PoolActor {
                     }
                 }
             }
+            for addr in excluded {
+                let check = CheckAvailability {
+                    model: reserve.model.clone(),
+                    estimate: reserve.estimate,
+                };
+                if let Ok(Err(denial)) = addr.send(check).await {
+                    refusals.add(&denial);
+                }
+            }
             (Err(refusals), seen, dead)
         };
         Box::pin(
@@ -368,6 +382,13 @@ impl Handler<Acquire> for PoolActor {
                             act.members[i].summary = summary;
                         }
                     }
+                    let available = act.members.iter().filter(|m| m.summary.available).count();
+                    act.settings
+                        .events
+                        .metrics()
+                        .available_accounts
+                        .with_label_values(&[&*act.provider_id])
+                        .set(available as i64);
                     if !dead.is_empty() {
                         act.revive(&dead);
                     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::account::{
-    CheckAvailability, ConsumeQuota, GetRateStats, GetStatus, ReservationGuard, Reset,
+    CheckAvailability, ConsumeQuota, GetRateStats, GetStatus, Outstanding, ReservationGuard, Reset,
 };
 use super::catalog::{ProviderSpec, QuotaSettings};
 use super::events::{Event, EventSink, Notifier};
@@ -81,6 +81,8 @@ pub struct QuotaSystem {
     clock: SharedClock,
     /// The actix system this runtime owns (only when started in its own thread).
     own_system: Option<actix::System>,
+    /// Leases handed out and not yet settled.
+    outstanding: Outstanding,
 }
 
 impl std::fmt::Debug for QuotaSystem {
@@ -136,6 +138,7 @@ impl QuotaSystem {
             events,
             clock: settings.clock,
             own_system: None,
+            outstanding: Outstanding::default(),
         })
     }
 
@@ -172,6 +175,16 @@ impl QuotaSystem {
         if let Some(system) = &self.own_system {
             system.stop();
         }
+    }
+
+    /// Waits (at most `limit`) until every lease handed out is settled, i.e. its settling message
+    /// is queued at its account; returns how many were still open when the wait ended.
+    pub async fn settled(&self, limit: Duration) -> usize {
+        let deadline = std::time::Instant::now() + limit;
+        while self.outstanding.count() > 0 && std::time::Instant::now() < deadline {
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.outstanding.count()
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -238,7 +251,8 @@ impl QuotaSystem {
             match asked {
                 Ok(Ok(acquired)) => {
                     let guard =
-                        ReservationGuard::new(acquired.addr.clone(), acquired.grant.reservation);
+                        ReservationGuard::new(acquired.addr.clone(), acquired.grant.reservation)
+                            .counted_in(&self.outstanding);
                     let account = match registry.account(&acquired.account_id) {
                         Ok(account) => account.clone(),
                         Err(_) => {

@@ -2,12 +2,18 @@
 //! parse, send a message or call a store function, and map the result; errors become answers in
 //! one place ([`error::ApiError`]).
 
+pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod openai;
+pub mod openapi;
+pub mod proxy;
+pub mod stats;
+pub mod upstream;
 
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
 use crate::actors::QuotaSystem;
@@ -27,6 +33,12 @@ pub struct AppState {
     pub syncer: actix::Addr<Syncer>,
     /// The master key, to seal credentials given through the admin API.
     pub master_key: crate::secrets::MasterKey,
+    /// Timeouts and retries of upstream calls.
+    pub upstream: upstream::UpstreamSettings,
+    /// How often a running stream renews its reservation.
+    pub renew_every: Duration,
+    /// Writes request-log rows and audit rows in batches.
+    pub tracker: crate::actors::tracker::TrackerHandle,
 }
 
 /// How long a readiness probe waits for each dependency.
@@ -34,11 +46,74 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+    // One scope around every route, so that even a refusal by an extractor (a bad key) carries
+    // its `x-request-id`.
+    cfg.service(
+        web::scope("")
+            .wrap(actix_web::middleware::from_fn(request_id))
+            .configure(routes),
+    );
+}
+
+/// The id of a request: the client's `x-request-id` when it sent a usable one, else a new uuid.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Gives every request an id (kept in its extensions for the handlers) and every answer the
+/// `x-request-id` header.
+async fn request_id(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use actix_web::http::header::{HeaderName, HeaderValue};
+    use actix_web::HttpMessage as _;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.call(req).await?;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), value);
+    }
+    Ok(response)
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    admin::configure(cfg);
+    stats::configure(cfg);
+    openapi::configure(cfg);
+    cfg.service(healthz)
+        .service(readyz)
+        .service(metrics)
+        .service(proxy::chat_completions)
+        .service(proxy::embeddings)
+        .service(proxy::models);
+}
+
+/// Prometheus text.
+#[utoipa::path(
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
+)]
+#[get("/metrics")]
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.runtime.events().metrics().render())
 }
 
 /// Alive: the process answers.
+#[utoipa::path(
+    tag = "operations",
+    responses((status = 200, description = "The process answers", body = openapi::operations::Health))
+)]
+#[get("/healthz")]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
@@ -55,6 +130,14 @@ struct Readiness {
 
 /// Ready when the database answers; Redis is reported but does not make the gateway unready
 /// (it degrades to memory-only state).
+#[utoipa::path(
+    tag = "operations",
+    responses(
+        (status = 200, description = "The database answers and the actors run (Redis is reported)", body = openapi::operations::Readiness),
+        (status = 503, description = "Not ready", body = openapi::operations::Readiness),
+    )
+)]
+#[get("/readyz")]
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let store = state.store.clone();
     let database = match tokio::time::timeout(PROBE_TIMEOUT, web::block(move || store.ping())).await

@@ -1,0 +1,785 @@
+//! The OpenAI-compatible client API: `POST /v1/chat/completions`, `POST /v1/embeddings`,
+//! `GET /v1/models`.
+//!
+//! One request: validate → reserve on an account of a provider serving the model (the runtime
+//! falls back across accounts and providers) → forward with that account's key → settle.
+//! Settling follows API.md: once anything may have reached the upstream the reservation is
+//! committed (real usage from the answer; the request slot and no tokens for an error answer; the
+//! estimate when the outcome is unknown), and it is released only when the connection could not
+//! even be opened. An upstream 429 cools the account down, a 401/403 disables it, and both are
+//! retried on another account; connection errors, timeouts and 5xx are retried up to
+//! `upstream.retries` times. Retries happen only before the first byte went to the client.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::http::StatusCode;
+use actix_web::{get, post, web, HttpMessage as _, HttpRequest, HttpResponse, ResponseError as _};
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt as _};
+use serde_json::{json, Value};
+
+use super::auth::{Caller, ClientKey};
+use super::error::ApiError;
+use super::openai::{Endpoint, ProxyRequest};
+use super::upstream::{rate_headers, retry_after_ms};
+use super::AppState;
+use crate::actors::{AcquireError, Lease};
+use crate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
+use crate::domain::estimate;
+use crate::domain::Tokenizer;
+use crate::store::logs::NewRequestLog;
+
+/// Largest request body accepted (bigger is a 413).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Largest non-streamed upstream answer read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// Attempts at most for one request (429s and 401s are retried on other accounts too).
+const MAX_ATTEMPTS: usize = 8;
+
+#[utoipa::path(
+    tag = "client",
+    security(("client_key" = [])),
+    request_body = super::openapi::client::ChatRequest,
+    responses(
+        (status = 200, description = "The upstream's answer, unchanged (JSON, or SSE with `stream: true`)",
+            content((Object = "application/json"), (String = "text/event-stream")),
+            headers(
+                ("x-request-id" = String, description = "Echoed from the request, or generated"),
+                ("x-quota-provider" = String, description = "The provider that served"),
+                ("x-quota-account" = String, description = "The account's id (never its key)"),
+                ("x-ratelimit-remaining-requests" = u64, description = "The account's smallest remainder over its request windows"),
+                ("x-ratelimit-remaining-tokens" = u64, description = "The account's smallest remainder over its token windows"),
+            )),
+        (status = 400, description = "A bad body, or a request that exceeds a limit everywhere", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or unknown client key", body = super::openapi::ErrorBody),
+        (status = 404, description = "No provider serves the model", body = super::openapi::ErrorBody),
+        (status = 429, description = "Rate limited (`retry_after`, `Retry-After`) or quota exhausted (`reset_at`)", body = super::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Whole seconds, rounded up"))),
+        (status = 502, description = "The upstream failed", body = super::openapi::ErrorBody),
+        (status = 503, description = "No active account serves the model", body = super::openapi::ErrorBody),
+        (status = 504, description = "The upstream did not answer in time", body = super::openapi::ErrorBody),
+    )
+)]
+#[post("/v1/chat/completions")]
+pub async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    caller: ClientKey,
+    state: web::Data<AppState>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    proxy(Endpoint::Chat, req, payload, caller.0, state, client).await
+}
+
+#[utoipa::path(
+    tag = "client",
+    security(("client_key" = [])),
+    request_body = super::openapi::client::EmbeddingsRequest,
+    responses(
+        (status = 200, description = "The upstream's answer, unchanged", content_type = "application/json"),
+        (status = 400, description = "A bad body", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or unknown client key", body = super::openapi::ErrorBody),
+        (status = 404, description = "No provider serves the model", body = super::openapi::ErrorBody),
+        (status = 429, description = "Rate limited or quota exhausted", body = super::openapi::ErrorBody),
+        (status = 502, description = "The upstream failed", body = super::openapi::ErrorBody),
+        (status = 503, description = "No active account serves the model", body = super::openapi::ErrorBody),
+        (status = 504, description = "The upstream did not answer in time", body = super::openapi::ErrorBody),
+    )
+)]
+#[post("/v1/embeddings")]
+pub async fn embeddings(
+    req: HttpRequest,
+    payload: web::Payload,
+    caller: ClientKey,
+    state: web::Data<AppState>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    proxy(Endpoint::Embeddings, req, payload, caller.0, state, client).await
+}
+
+/// The routable models in OpenAI's list format: each model once (owned by its first provider), and
+/// each `provider/model` for clients that want to pick a provider.
+#[utoipa::path(
+    tag = "client",
+    security(("client_key" = [])),
+    responses(
+        (status = 200, description = "The models that can be routed", body = super::openapi::client::ModelList),
+        (status = 401, description = "Missing or unknown client key", body = super::openapi::ErrorBody),
+    )
+)]
+#[get("/v1/models")]
+pub async fn models(_caller: ClientKey, state: web::Data<AppState>) -> HttpResponse {
+    let mut seen = std::collections::HashSet::new();
+    let mut data = Vec::new();
+    for (provider, model) in state.runtime.registry().models() {
+        if seen.insert(model.clone()) {
+            data.push(
+                json!({"id": &*model, "object": "model", "created": 0, "owned_by": &*provider}),
+            );
+        }
+        data.push(json!({"id": format!("{provider}/{model}"), "object": "model", "created": 0, "owned_by": &*provider}));
+    }
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+/// What is known about one request, for its access-log line, its metrics and its request-log row.
+#[derive(Clone)]
+struct Record {
+    request_id: String,
+    caller: Caller,
+    endpoint: Endpoint,
+    model: String,
+    started: Instant,
+    provider: Option<Arc<str>>,
+    provider_id: Option<Arc<str>>,
+    account_id: Option<Arc<str>>,
+    /// Prices per million tokens (input, output) of the model that served.
+    prices: (f64, f64),
+    state: web::Data<AppState>,
+}
+
+impl Record {
+    /// The request is over: one access-log line, the metrics, and a request-log row (tracked
+    /// asynchronously; a full tracker drops and counts rather than wait).
+    fn done(&self, status: u16, input_tokens: u64, output_tokens: u64, error: Option<&ApiError>) {
+        let latency = self.started.elapsed();
+        let provider = self.provider.as_deref().unwrap_or("-");
+        let metrics = self.state.runtime.events().metrics();
+        let status_label = status.to_string();
+        metrics
+            .requests_total
+            .with_label_values(&[provider, &status_label])
+            .inc();
+        metrics
+            .request_duration_seconds
+            .with_label_values(&[provider, &status_label])
+            .observe(latency.as_secs_f64());
+        log::info!(
+            request_id = self.request_id.as_str(),
+            user = &*self.caller.user,
+            provider = provider,
+            account_id = self.account_id.as_deref().unwrap_or("-"),
+            model = self.model.as_str(),
+            status = status,
+            latency_ms = latency.as_millis() as u64,
+            input_tokens = input_tokens,
+            output_tokens = output_tokens;
+            "request done"
+        );
+        let cost =
+            (input_tokens as f64 * self.prices.0 + output_tokens as f64 * self.prices.1) / 1e6;
+        self.state.tracker.track(NewRequestLog {
+            request_id: self.request_id.clone(),
+            ts: crate::store::now(),
+            provider_id: self.provider_id.as_deref().unwrap_or("").to_string(),
+            account_id: self.account_id.as_deref().map(str::to_string),
+            model: self.model.clone(),
+            user_id: Some(self.caller.user_id.to_string()),
+            method: "POST".to_string(),
+            endpoint: format!("/v1{}", self.endpoint.path()),
+            status_code: i32::from(status),
+            latency_ms: latency.as_millis() as i64,
+            input_tokens: input_tokens as i64,
+            output_tokens: output_tokens as i64,
+            success: status < 400,
+            error_type: error.map(|e| error_type(e).to_string()),
+            error_message: error.map(|e| e.to_string()),
+            estimated_cost: cost,
+        });
+    }
+}
+
+/// How a failed request is classified in the statistics.
+fn error_type(error: &ApiError) -> &'static str {
+    match error {
+        ApiError::UpstreamTimeout => "timeout",
+        ApiError::QuotaExceeded { .. } => "quota_exceeded",
+        ApiError::RateLimited { .. } => "rate_limited",
+        other => other.code(),
+    }
+}
+
+async fn proxy(
+    endpoint: Endpoint,
+    req: HttpRequest,
+    payload: web::Payload,
+    caller: Caller,
+    state: web::Data<AppState>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    let request_id = req
+        .extensions()
+        .get::<super::RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let mut record = Record {
+        request_id,
+        caller,
+        endpoint,
+        model: String::new(),
+        started: Instant::now(),
+        provider: None,
+        provider_id: None,
+        account_id: None,
+        prices: (0.0, 0.0),
+        state: state.clone(),
+    };
+    match forward(endpoint, payload, &state, &client, &mut record).await {
+        Ok(response) => response,
+        Err(error) => {
+            record.done(error.status_code().as_u16(), 0, 0, Some(&error));
+            error.error_response()
+        }
+    }
+}
+
+async fn read_body(mut payload: web::Payload) -> Result<BytesMut, ApiError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid(format!("cannot read the body: {e}"), None))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge {
+                limit: MAX_BODY_BYTES,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Reserves, forwards and settles; retries on other accounts where API.md says so.
+async fn forward(
+    endpoint: Endpoint,
+    payload: web::Payload,
+    state: &web::Data<AppState>,
+    client: &awc::Client,
+    record: &mut Record,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload).await?;
+    let request = ProxyRequest::parse(endpoint, &body)?;
+    record.model = request.model.clone();
+    let settings = state.upstream;
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    let mut failures = 0u32;
+    let mut last_failure: Option<ApiError> = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let acquired = state
+            .runtime
+            .acquire(
+                &request.model,
+                |spec| {
+                    request.estimate(spec.upstream.tokenizer, spec.upstream.max_completion_tokens)
+                },
+                &tried,
+            )
+            .await;
+        let lease = match acquired {
+            Ok(lease) => lease,
+            Err(AcquireError::ModelNotFound(model)) => return Err(ApiError::ModelNotFound(model)),
+            Err(AcquireError::Refused(verdict)) => {
+                if let Some(failure) = last_failure {
+                    return Err(failure);
+                }
+                let now = state.runtime.clock().now_ms();
+                let param = match &verdict {
+                    crate::domain::refusal::Verdict::Impossible { limit_value, .. } => {
+                        request.too_large_param(*limit_value, 0)
+                    }
+                    _ => "messages",
+                };
+                return Err(ApiError::from_verdict(&verdict, now, param));
+            }
+        };
+        tried.push(lease.account.id.clone());
+        record.provider = Some(lease.provider.spec.name.clone());
+        record.provider_id = Some(lease.provider.spec.id.clone());
+        record.model = lease.model.to_string();
+        record.account_id = Some(lease.account.id.clone());
+        record.prices = lease
+            .provider
+            .spec
+            .model(&lease.model)
+            .map_or((0.0, 0.0), |m| (m.price_input, m.price_output));
+        match attempt(&request, lease, state, client, record).await {
+            Attempt::Answered(response) => return Ok(response),
+            Attempt::TryAnother => {}
+            Attempt::Failed(error) => {
+                failures += 1;
+                if failures > settings.retries {
+                    return Err(error);
+                }
+                last_failure = Some(error);
+            }
+        }
+    }
+    Err(last_failure.unwrap_or(ApiError::NoAccountAvailable))
+}
+
+enum Attempt {
+    /// An answer for the client (success, streamed, or an upstream 4xx returned as it is).
+    Answered(HttpResponse),
+    /// The account could not serve (429, 401/403): try another, without counting a failure.
+    TryAnother,
+    /// The upstream failed (connection, timeout, 5xx): retry within `upstream.retries`.
+    Failed(ApiError),
+}
+
+fn feedback(outcome: UpstreamOutcome, started: Instant, headers: RateHeaders) -> Option<Feedback> {
+    Some(Feedback {
+        outcome,
+        latency_ms: started.elapsed().as_millis() as u64,
+        headers,
+    })
+}
+
+/// The answer's usage: `total_tokens`, else prompt + completion.
+fn usage_of(value: &Value) -> Option<(u64, u64)> {
+    let usage = value.get("usage")?;
+    let input = usage
+        .get("prompt_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let output = usage
+        .get("completion_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let total = usage.get("total_tokens").and_then(Value::as_u64);
+    match total {
+        Some(total) => Some((input, total.saturating_sub(input))),
+        None if input + output > 0 => Some((input, output)),
+        None => None,
+    }
+}
+
+async fn attempt(
+    request: &ProxyRequest,
+    lease: Lease,
+    state: &web::Data<AppState>,
+    client: &awc::Client,
+    record: &mut Record,
+) -> Attempt {
+    let spec = &lease.provider.spec;
+    let Some(credentials) = lease.account.credentials.clone() else {
+        lease.guard.release();
+        return Attempt::TryAnother;
+    };
+    let url = format!("{}{}", spec.upstream.base_url, request.endpoint.path());
+    let auth = if spec.upstream.auth_scheme.is_empty() {
+        credentials.api_key.expose().to_string()
+    } else {
+        format!(
+            "{} {}",
+            spec.upstream.auth_scheme,
+            credentials.api_key.expose()
+        )
+    };
+    let mut upstream = client
+        .post(&url)
+        .timeout(spec.upstream.timeout.unwrap_or(state.upstream.timeout))
+        .insert_header((CONTENT_TYPE, "application/json"))
+        .insert_header((spec.upstream.auth_header.as_str(), auth));
+    for (name, value) in &credentials.headers {
+        if !value.is_empty() {
+            upstream = upstream.insert_header((name.as_str(), value.expose()));
+        }
+    }
+    let body = request.upstream_body(&lease.model, spec.upstream.max_completion_tokens);
+    let mut guard = lease.guard;
+    // From here on the upstream may count the request, even if this future is dropped.
+    guard.mark_sent();
+    let started = Instant::now();
+    let sent = upstream.send_body(body).await;
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(awc::error::SendRequestError::Connect(e)) => {
+            // The connection was never opened: nothing reached the upstream.
+            guard.release_unsent();
+            return Attempt::Failed(ApiError::Upstream {
+                status: None,
+                message: format!("cannot connect to the upstream: {e}"),
+            });
+        }
+        Err(awc::error::SendRequestError::Timeout) => {
+            guard.commit(
+                Usage::Estimate,
+                feedback(UpstreamOutcome::Failure, started, RateHeaders::default()),
+            );
+            return Attempt::Failed(ApiError::UpstreamTimeout);
+        }
+        Err(e) => {
+            guard.commit(
+                Usage::Estimate,
+                feedback(UpstreamOutcome::Failure, started, RateHeaders::default()),
+            );
+            return Attempt::Failed(ApiError::Upstream {
+                status: None,
+                message: format!("the upstream connection failed: {e}"),
+            });
+        }
+    };
+    let status = response.status();
+    let headers = rate_headers(response.headers());
+    let grant = lease.grant.clone();
+    if status.is_success() && request.stream {
+        let tokenizer = spec.upstream.tokenizer;
+        let meter = Meter::new(
+            request.client_wants_stream_usage,
+            tokenizer,
+            request.prompt_tokens(tokenizer),
+        );
+        let stream = MeteredStream {
+            upstream: Box::pin(response),
+            guard: Some(guard),
+            meter,
+            idle: Box::pin(actix_rt::time::sleep(state.upstream.stream_idle_timeout)),
+            idle_timeout: state.upstream.stream_idle_timeout,
+            renew: Box::pin(actix_rt::time::interval(state.renew_every)),
+            started,
+            headers,
+            record: Some(record.clone()),
+        };
+        let mut builder = HttpResponse::build(StatusCode::OK);
+        builder
+            .insert_header((CONTENT_TYPE, "text/event-stream"))
+            .insert_header(("cache-control", "no-cache"));
+        add_quota_headers(
+            &mut builder,
+            &lease.provider.spec.name,
+            &lease.account.id,
+            &grant,
+        );
+        return Attempt::Answered(builder.streaming(stream));
+    }
+    let body = match response.body().limit(MAX_ANSWER_BYTES).await {
+        Ok(body) => body,
+        Err(e) => {
+            guard.commit(
+                Usage::Estimate,
+                feedback(UpstreamOutcome::Failure, started, headers),
+            );
+            return Attempt::Failed(ApiError::Upstream {
+                status: Some(status.as_u16()),
+                message: format!("reading the upstream's answer failed: {e}"),
+            });
+        }
+    };
+    match status.as_u16() {
+        200..=299 => {
+            let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+            let (usage, input, output) = match parsed.as_ref().and_then(usage_of) {
+                Some((input, output)) => (Usage::Reported(input + output), input, output),
+                // No usage in a success: the estimate stands (counted, never under-counted).
+                None => (Usage::Estimate, lease.estimate, 0),
+            };
+            guard.commit(usage, feedback(UpstreamOutcome::Success, started, headers));
+            record.done(status.as_u16(), input, output, None);
+            let mut builder = HttpResponse::build(status);
+            builder.insert_header((CONTENT_TYPE, "application/json"));
+            add_quota_headers(
+                &mut builder,
+                &lease.provider.spec.name,
+                &lease.account.id,
+                &grant,
+            );
+            Attempt::Answered(builder.body(body))
+        }
+        429 => {
+            let now = state.runtime.clock().now_ms();
+            let retry_after = retry_after_ms(response.headers(), now);
+            guard.commit(
+                Usage::RequestOnly,
+                feedback(
+                    UpstreamOutcome::RateLimited {
+                        retry_after_ms: retry_after,
+                    },
+                    started,
+                    headers,
+                ),
+            );
+            Attempt::TryAnother
+        }
+        401 | 403 => {
+            guard.commit(
+                Usage::RequestOnly,
+                feedback(UpstreamOutcome::Unauthorized, started, headers),
+            );
+            Attempt::TryAnother
+        }
+        500..=599 => {
+            guard.commit(
+                Usage::RequestOnly,
+                feedback(UpstreamOutcome::Failure, started, headers),
+            );
+            let detail = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            Attempt::Failed(ApiError::Upstream {
+                status: Some(status.as_u16()),
+                message: format!("the upstream answered {status}: {detail}"),
+            })
+        }
+        _ => {
+            // The request itself was wrong for the upstream: its answer goes back as it is.
+            guard.commit(
+                Usage::RequestOnly,
+                feedback(UpstreamOutcome::Success, started, headers),
+            );
+            record.done(status.as_u16(), 0, 0, None);
+            let mut builder = HttpResponse::build(status);
+            builder.insert_header((CONTENT_TYPE, "application/json"));
+            add_quota_headers(
+                &mut builder,
+                &lease.provider.spec.name,
+                &lease.account.id,
+                &grant,
+            );
+            Attempt::Answered(builder.body(body))
+        }
+    }
+}
+
+fn add_quota_headers(
+    builder: &mut actix_web::HttpResponseBuilder,
+    provider: &str,
+    account_id: &str,
+    grant: &crate::domain::account::Grant,
+) {
+    builder.insert_header(("x-quota-provider", provider));
+    builder.insert_header(("x-quota-account", account_id));
+    if let Some(n) = grant.remaining_requests {
+        builder.insert_header(("x-ratelimit-remaining-requests", n.to_string()));
+    }
+    if let Some(n) = grant.remaining_tokens {
+        builder.insert_header(("x-ratelimit-remaining-tokens", n.to_string()));
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Streaming
+// ------------------------------------------------------------------------------------------------
+
+/// Reads a server-sent-event stream as it passes: keeps the usage the upstream reports, counts the
+/// generated content (for when it reports none), and removes the usage-only chunk the gateway
+/// asked for when the client did not.
+struct Meter {
+    buffer: BytesMut,
+    keep_usage_chunk: bool,
+    tokenizer: Tokenizer,
+    prompt_estimate: u64,
+    usage: Option<(u64, u64)>,
+    generated: u64,
+}
+
+impl Meter {
+    fn new(keep_usage_chunk: bool, tokenizer: Tokenizer, prompt_estimate: u64) -> Meter {
+        Meter {
+            buffer: BytesMut::new(),
+            keep_usage_chunk,
+            tokenizer,
+            prompt_estimate,
+            usage: None,
+            generated: 0,
+        }
+    }
+
+    /// Takes a chunk of the upstream's bytes; returns the complete events to pass on.
+    fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        self.buffer.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = find_event_end(&self.buffer) {
+            let event = self.buffer.split_to(end);
+            if self.inspect(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Whatever is left when the upstream ends (an unterminated last event).
+    fn rest(&mut self) -> Bytes {
+        let event = self.buffer.split();
+        if !event.is_empty() && self.inspect(&event) {
+            return event.freeze();
+        }
+        Bytes::new()
+    }
+
+    /// Reads one event; returns whether it goes to the client.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let text = String::from_utf8_lossy(event);
+        let mut forward = true;
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                continue;
+            }
+            let Ok(value) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            if let Some(usage) = usage_of(&value) {
+                self.usage = Some(usage);
+                let no_choices = value
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_none_or(|c| c.is_empty());
+                if no_choices && !self.keep_usage_chunk {
+                    forward = false;
+                }
+            }
+            if let Some(choices) = value.get("choices").and_then(Value::as_array) {
+                for choice in choices {
+                    if let Some(Value::String(content)) =
+                        choice.get("delta").and_then(|d| d.get("content"))
+                    {
+                        self.generated += estimate::count(self.tokenizer, content);
+                    }
+                }
+            }
+        }
+        forward
+    }
+
+    /// What to commit: the reported usage, else the prompt estimate plus what was generated.
+    fn settlement(&self) -> (Usage, u64, u64) {
+        match self.usage {
+            Some((input, output)) => (Usage::Reported(input + output), input, output),
+            None => (
+                Usage::Reported(self.prompt_estimate + self.generated),
+                self.prompt_estimate,
+                self.generated,
+            ),
+        }
+    }
+}
+
+/// The end of the first complete event (`\n\n` or `\r\n\r\n`), including the separator.
+fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+type UpstreamBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadError>>>>;
+
+/// The upstream's stream passed to the client as it arrives, metered; the reservation is renewed
+/// while it runs and settled when it ends — or when it is dropped because the client left.
+struct MeteredStream {
+    upstream: UpstreamBody,
+    guard: Option<crate::actors::account::ReservationGuard>,
+    meter: Meter,
+    idle: Pin<Box<actix_rt::time::Sleep>>,
+    idle_timeout: Duration,
+    renew: Pin<Box<actix_rt::time::Interval>>,
+    started: Instant,
+    headers: RateHeaders,
+    record: Option<Record>,
+}
+
+impl MeteredStream {
+    fn settle(&mut self, outcome: UpstreamOutcome) {
+        if let Some(guard) = self.guard.take() {
+            let (usage, input, output) = self.meter.settlement();
+            guard.commit(usage, feedback(outcome, self.started, self.headers));
+            if let Some(record) = self.record.take() {
+                record.done(200, input, output, None);
+            }
+        }
+    }
+}
+
+impl Stream for MeteredStream {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while this.renew.as_mut().poll_tick(cx).is_ready() {
+            if let Some(guard) = &this.guard {
+                guard.renew();
+            }
+        }
+        loop {
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let deadline = actix_rt::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let out = this.meter.feed(&chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    log::warn!(event = "stream_broken"; "the upstream stream broke: {e}");
+                    this.settle(UpstreamOutcome::Failure);
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(None) => {
+                    let rest = this.meter.rest();
+                    this.settle(UpstreamOutcome::Success);
+                    return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        log::warn!(event = "stream_idle"; "the upstream stream went silent; closing it");
+                        this.settle(UpstreamOutcome::Failure);
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        // The client left mid-stream: commit what was generated so far (or reported).
+        if self.guard.is_some() {
+            log::info!(event = "client_disconnected"; "the client left a stream; committing what was generated");
+            self.settle(UpstreamOutcome::Success);
+        }
+    }
+}
+
+use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_meter_strips_the_usage_chunk_only_when_the_client_did_not_ask() {
+        let events = "data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\n\
+                      data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n\
+                      data: [DONE]\n\n";
+        let mut hidden = Meter::new(false, Tokenizer::Bytes, 99);
+        let mut out = hidden.feed(&events.as_bytes()[..30]).to_vec();
+        out.extend_from_slice(&hidden.feed(&events.as_bytes()[30..]));
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("Hello") && text.contains("[DONE]"));
+        assert!(!text.contains("usage"), "{text}");
+        assert_eq!(hidden.settlement().0, Usage::Reported(7));
+
+        let mut shown = Meter::new(true, Tokenizer::Bytes, 99);
+        let text = String::from_utf8(shown.feed(events.as_bytes()).to_vec()).unwrap();
+        assert!(text.contains("\"usage\""));
+    }
+
+    #[test]
+    fn without_reported_usage_the_meter_counts_what_was_generated() {
+        let mut m = Meter::new(false, Tokenizer::Bytes, 10);
+        m.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcd\"}}]}\r\n\r\n");
+        assert_eq!(m.settlement(), (Usage::Reported(14), 10, 4));
+    }
+}
