@@ -1037,6 +1037,58 @@ async fn streams_pass_through_and_their_usage_is_committed_with_or_without_clien
 }
 
 #[actix_rt::test]
+async fn an_upstream_that_drops_mid_stream_ends_the_stream_and_still_commits() {
+    let mock = MockUpstream::start();
+    let k = key("cut");
+    let gw = TestGateway::start(&providers(&[provider(
+        "p",
+        &mock.base_url(),
+        &[MOCK_MODEL],
+        &["max_completion_tokens: 64"],
+        &[account("a1", &k, "")],
+    )]));
+    let http = Http::new();
+    let id = gw.account_id("p/a1");
+    mock.set_stream(6, Duration::from_millis(20));
+    mock.behave(&k, Behavior::DropMidStream { after: 3 });
+    let mut body = chat_body(MOCK_MODEL, "cut me off");
+    body["stream"] = json!(true);
+    let s = http
+        .stream(&chat_url(&gw), Some(gw.client_key()), &body, None)
+        .await;
+    assert_eq!(s.status, 200, "the stream had started: {}", s.text());
+    assert!(
+        s.content().starts_with("tok0 tok1 "),
+        "what the upstream sent passes: {}",
+        s.text()
+    );
+    assert!(
+        !s.text().contains("tok2"),
+        "nothing after the drop: {}",
+        s.text()
+    );
+    assert_eq!(
+        mock.stats(&k).requests,
+        1,
+        "no retry once bytes reached the client"
+    );
+    // Usage: what was generated, or the estimate — never nothing.
+    let estimate = estimate_chars3("cut me off", 64);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let used = loop {
+        let now = current_usage(&http, &gw, &id).await;
+        if now > 0 || Instant::now() > deadline {
+            break now;
+        }
+        actix_rt::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(
+        used > 0 && used <= estimate,
+        "a stream cut by the upstream commits what was generated or the estimate ({estimate}): {used}"
+    );
+}
+
+#[actix_rt::test]
 async fn responses_carry_request_id_provider_account_and_remaining_headers() {
     let mock = MockUpstream::start();
     let k = key("headers");
