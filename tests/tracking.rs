@@ -1161,7 +1161,12 @@ async fn a_postgres_restart_while_rows_flow_loses_no_row_the_buffer_holds() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pg = off_thread(pg, common::TestPostgres::stop).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Longer than the store's 5 s wait for a connection, so that writes fail (not just wait).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        metrics.tracking.tracker_queue_depth.get() > 1000,
+        "rows wait in the buffer"
+    );
     let _pg = off_thread(pg, common::TestPostgres::restart).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);

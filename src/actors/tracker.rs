@@ -205,6 +205,7 @@ struct Failing {
     backoff: Duration,
 }
 
+/// The actor behind [`TrackerHandle`]: owns the rows not yet written (see the module docs).
 pub struct Tracker {
     store: Store,
     batch_size: usize,

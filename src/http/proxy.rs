@@ -337,23 +337,37 @@ fn feedback(outcome: UpstreamOutcome, started: Instant, headers: RateHeaders) ->
     })
 }
 
-/// The answer's usage: `total_tokens`, else prompt + completion.
-fn usage_of(value: &Value) -> Option<(u64, u64)> {
-    let usage = value.get("usage")?;
-    let input = usage
-        .get("prompt_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let output = usage
-        .get("completion_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let total = usage.get("total_tokens").and_then(Value::as_u64);
-    match total {
-        Some(total) => Some((input, total.saturating_sub(input))),
-        None if input + output > 0 => Some((input, output)),
-        None => None,
+/// The `usage` of an answer.
+#[derive(serde::Deserialize)]
+struct AnswerUsage {
+    usage: Option<UsageFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    /// (input, output): `total_tokens` minus the prompt when given, else prompt and completion.
+    fn split(self) -> Option<(u64, u64)> {
+        let input = self.prompt_tokens.unwrap_or(0);
+        match self.total_tokens {
+            Some(total) => Some((input, total.saturating_sub(input))),
+            None => {
+                let output = self.completion_tokens.unwrap_or(0);
+                (input + output > 0).then_some((input, output))
+            }
+        }
     }
+}
+
+/// The usage in a parsed stream chunk.
+fn usage_of(value: &Value) -> Option<(u64, u64)> {
+    use serde::Deserialize as _;
+    UsageFields::deserialize(value.get("usage")?).ok()?.split()
 }
 
 async fn attempt(
@@ -470,8 +484,10 @@ async fn attempt(
     };
     match status.as_u16() {
         200..=299 => {
-            let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-            let (usage, input, output) = match parsed.as_ref().and_then(usage_of) {
+            // Only `usage` is read; serde skips the rest without building it.
+            let parsed: Option<AnswerUsage> = serde_json::from_slice(&body).ok();
+            let (usage, input, output) = match parsed.and_then(|a| a.usage).and_then(|u| u.split())
+            {
                 Some((input, output)) => (Usage::Reported(input + output), input, output),
                 // No usage in a success: the estimate stands (counted, never under-counted).
                 None => (Usage::Estimate, lease.estimate, 0),

@@ -10,6 +10,9 @@ use super::{DbConn, StoreError};
 /// timestamp).
 #[derive(Debug, Clone, PartialEq, Insertable, Queryable, Selectable)]
 #[diesel(table_name = request_logs)]
+// `None` is written as NULL rather than DEFAULT (the same for these columns): SQLite can then take
+// a whole batch in one statement instead of one per row, and Postgres a binary COPY.
+#[diesel(treat_none_as_default_value = false)]
 pub struct NewRequestLog {
     pub request_id: String,
     pub ts: NaiveDateTime,
@@ -35,18 +38,20 @@ pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), Sto
     conn.transaction(|conn| insert_rows(conn, rows))
 }
 
-/// The statements of [`insert_batch`], for callers that already hold a transaction.
+/// The statements of [`insert_batch`], for callers that already hold a transaction. Postgres
+/// takes the rows as one binary `COPY` (several times faster than an `INSERT` with thousands of
+/// parameters); SQLite as multi-row `INSERT`s under its bind limit.
 pub(super) fn insert_rows(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
-    // 16 columns per row; SQLite allows 32766 bound values, Postgres 65535.
+    // 16 columns per row; SQLite allows 32766 bound values.
     const ROWS_PER_STATEMENT: usize = 1000;
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        match conn {
-            DbConn::Postgres(c) => {
-                diesel::insert_into(request_logs::table)
-                    .values(chunk)
-                    .execute(c)?;
-            }
-            DbConn::Sqlite(c) => {
+    match conn {
+        DbConn::Postgres(c) => {
+            diesel::copy_from(request_logs::table)
+                .from_insertable(rows)
+                .execute(c)?;
+        }
+        DbConn::Sqlite(c) => {
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 diesel::insert_into(request_logs::table)
                     .values(chunk)
                     .execute(c)?;

@@ -3,27 +3,31 @@
 //! re-aggregation and the retention cleanup.
 //!
 //! Why rollups: a query over a long range would otherwise scan every request row in it. Whole
-//! days inside a range `[from, to)` are read from the rollups (`usage_daily`, `provider_stats`,
-//! `usage_daily_users`: a few rows per day); only the partial days at its edges are read from
-//! `request_logs`, through its `ts` indexes. [`record_batch`] writes the rollups in the same
-//! transaction as the rows they sum, so the two agree without ever rescanning the log;
-//! [`aggregate_day`] recomputes one day from the log (the daily job), which also repairs a day
-//! whose rows were written around the rollups (e.g. by `logs::insert_batch`).
+//! UTC days inside a range `[from, to)` are read from the rollups; only the partial days at its
+//! edges are read from `request_logs`, through its `ts` indexes:
+//! - `provider_stats` (one row per provider and day) answers for a provider and for everyone;
+//! - `usage_daily` (per day, provider, user and model) for one user and for the top models;
+//! - `usage_daily_users` (who used a provider on a day) for unique users across days.
 //!
-//! Rollups are kept when retention deletes the log: they are the long-term history (a few rows
-//! per day). A range older than the retention therefore still has its whole days, while its
-//! partial edge days, read from the deleted log, count nothing.
+//! [`record_batch`] writes the rollups in the same transaction as the rows they sum, so the two
+//! agree without ever rescanning the log; [`aggregate_day`] recomputes one day from the log (the
+//! daily job), which also repairs a day whose rows were written around the rollups (e.g. by
+//! `logs::insert_batch`). Rollups are kept when retention deletes the log: they are the long-term
+//! history, so a range older than the retention still has its whole days (its partial edge days,
+//! read from the deleted log, count nothing).
 //!
 //! The SQL is portable: placeholders are written `?` and renumbered `$n` for Postgres, and
-//! `ON CONFLICT … DO UPDATE` exists on both backends (SQLite ≥ 3.24). Times are UTC.
+//! `ON CONFLICT … DO UPDATE` exists on both backends (SQLite ≥ 3.24). Only the bulk writes differ
+//! (see `Upsert` and `logs::insert_rows`). Times are UTC.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use chrono::{DateTime, Days, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use diesel::connection::Connection as _;
+use diesel::pg::Pg;
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
-use diesel::sql_types::{BigInt, Date, Double, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Date, Double, Text, Timestamp};
 use diesel::{QueryableByName, RunQueryDsl as _};
 use serde::Serialize;
 
@@ -212,6 +216,34 @@ impl Sums {
     }
 }
 
+/// The sum columns of `usage_daily`: the names of the [`Sums`] fields, in order.
+const USAGE_DAILY_SUM_COLUMNS: [&str; 10] = [
+    "requests",
+    "successes",
+    "errors",
+    "timeouts",
+    "quota_exhausted",
+    "rate_limited",
+    "input_tokens",
+    "output_tokens",
+    "latency_ms",
+    "cost",
+];
+
+/// The sum columns of `provider_stats` (the seed's names), in [`Sums`] field order.
+const PROVIDER_STATS_SUM_COLUMNS: [&str; 10] = [
+    "total_requests",
+    "successful_requests",
+    "error_count",
+    "timeout_count",
+    "quota_exhausted",
+    "rate_limited",
+    "input_tokens",
+    "output_tokens",
+    "total_latency_ms",
+    "total_cost",
+];
+
 /// `a / b`, 0 when there is nothing to divide by (an empty range is zeros, never NaN).
 fn ratio(a: i64, b: i64) -> f64 {
     if b == 0 {
@@ -240,31 +272,22 @@ const LOG_SUMS: &str = "\
     CAST(COALESCE(SUM(latency_ms), 0) AS BIGINT) AS latency_ms, \
     CAST(COALESCE(SUM(estimated_cost), 0) AS DOUBLE PRECISION) AS cost";
 
-/// [`Sums`] over `usage_daily` rows.
-const USAGE_DAILY_SUMS: &str = "\
-    CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
-    CAST(COALESCE(SUM(successes), 0) AS BIGINT) AS successes, \
-    CAST(COALESCE(SUM(errors), 0) AS BIGINT) AS errors, \
-    CAST(COALESCE(SUM(timeouts), 0) AS BIGINT) AS timeouts, \
-    CAST(COALESCE(SUM(quota_exhausted), 0) AS BIGINT) AS quota_exhausted, \
-    CAST(COALESCE(SUM(rate_limited), 0) AS BIGINT) AS rate_limited, \
-    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
-    CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
-    CAST(COALESCE(SUM(latency_ms), 0) AS BIGINT) AS latency_ms, \
-    CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) AS cost";
-
-/// [`Sums`] over `provider_stats` rows (the seed's column names).
-const PROVIDER_STATS_SUMS: &str = "\
-    CAST(COALESCE(SUM(total_requests), 0) AS BIGINT) AS requests, \
-    CAST(COALESCE(SUM(successful_requests), 0) AS BIGINT) AS successes, \
-    CAST(COALESCE(SUM(error_count), 0) AS BIGINT) AS errors, \
-    CAST(COALESCE(SUM(timeout_count), 0) AS BIGINT) AS timeouts, \
-    CAST(COALESCE(SUM(quota_exhausted), 0) AS BIGINT) AS quota_exhausted, \
-    CAST(COALESCE(SUM(rate_limited), 0) AS BIGINT) AS rate_limited, \
-    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
-    CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
-    CAST(COALESCE(SUM(total_latency_ms), 0) AS BIGINT) AS latency_ms, \
-    CAST(COALESCE(SUM(total_cost), 0) AS DOUBLE PRECISION) AS cost";
+/// The `SELECT` list that sums a rollup's sum `columns` (in [`Sums`] field order) into [`Sums`].
+fn rollup_sums(columns: &[&str; 10]) -> String {
+    columns
+        .iter()
+        .zip(USAGE_DAILY_SUM_COLUMNS)
+        .map(|(column, field)| {
+            let ty = if field == "cost" {
+                "DOUBLE PRECISION"
+            } else {
+                "BIGINT"
+            };
+            format!("CAST(COALESCE(SUM({column}), 0) AS {ty}) AS {field}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 // ---------------------------------------------------------------------------------------------
 // Writing
@@ -294,9 +317,6 @@ struct Rollup {
     users: BTreeSet<(String, NaiveDate, String)>,
 }
 
-/// Rollup rows per statement: 14 binds each stays under SQLite's 32,766 and Postgres's 65,535.
-const ROLLUP_ROWS_PER_STATEMENT: usize = 1000;
-
 impl Rollup {
     fn of(rows: &[NewRequestLog]) -> Rollup {
         let mut rollup = Rollup::default();
@@ -323,132 +343,239 @@ impl Rollup {
         rollup
     }
 
+    /// Adds the batch's sums to the stored ones (creating the rows of new keys).
     fn add_to(&self, conn: &mut DbConn) -> Result<(), StoreError> {
-        let usage: Vec<_> = self.usage.iter().collect();
-        for chunk in usage.chunks(ROLLUP_ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO usage_daily (day, provider_id, user_id, model, requests, successes, \
-                 errors, timeouts, quota_exhausted, rate_limited, input_tokens, output_tokens, \
-                 latency_ms, cost) VALUES {} ON CONFLICT (day, provider_id, user_id, model) \
-                 DO UPDATE SET {}",
-                values_rows(chunk.len(), 14),
-                add_excluded(
-                    "usage_daily",
-                    &[
-                        "requests",
-                        "successes",
-                        "errors",
-                        "timeouts",
-                        "quota_exhausted",
-                        "rate_limited",
-                        "input_tokens",
-                        "output_tokens",
-                        "latency_ms",
-                        "cost",
-                    ]
-                ),
-            );
-            let mut query = statement(conn, &sql);
-            for ((day, provider, user, model), sums) in chunk {
-                query = bind_sums(
-                    query
-                        .bind::<Date, _>(*day)
-                        .bind::<Text, _>(provider.clone())
-                        .bind::<Text, _>(user.clone())
-                        .bind::<Text, _>(model.clone()),
-                    sums,
-                );
-            }
-            query.execute(conn)?;
+        let mut usage = Upsert::new(
+            "usage_daily",
+            &["day", "provider_id", "user_id", "model"],
+            &USAGE_DAILY_SUM_COLUMNS,
+        );
+        let (mut days, mut providers, mut users, mut models) = (vec![], vec![], vec![], vec![]);
+        let mut sums = SumColumns::default();
+        for ((day, provider, user, model), s) in &self.usage {
+            days.push(*day);
+            providers.push(provider.clone());
+            users.push(user.clone());
+            models.push(model.clone());
+            sums.push(s);
         }
+        usage.values = vec![
+            Column::Date(days),
+            Column::Text(providers),
+            Column::Text(users),
+            Column::Text(models),
+        ];
+        usage.values.extend(sums.into_columns());
+        usage.run(conn)?;
 
-        let providers: Vec<_> = self.providers.iter().collect();
-        let now = super::now();
-        for chunk in providers.chunks(ROLLUP_ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO provider_stats (provider_id, day, total_requests, \
-                 successful_requests, error_count, timeout_count, quota_exhausted, rate_limited, \
-                 input_tokens, output_tokens, total_latency_ms, total_cost, updated_at) \
-                 VALUES {} ON CONFLICT (provider_id, day) DO UPDATE SET {}, \
-                 updated_at = excluded.updated_at",
-                values_rows(chunk.len(), 13),
-                add_excluded(
-                    "provider_stats",
-                    &[
-                        "total_requests",
-                        "successful_requests",
-                        "error_count",
-                        "timeout_count",
-                        "quota_exhausted",
-                        "rate_limited",
-                        "input_tokens",
-                        "output_tokens",
-                        "total_latency_ms",
-                        "total_cost",
-                    ]
-                ),
-            );
-            let mut query = statement(conn, &sql);
-            for ((provider, day), sums) in chunk {
-                query = bind_sums(
-                    query
-                        .bind::<Text, _>(provider.clone())
-                        .bind::<Date, _>(*day),
-                    sums,
-                )
-                .bind::<Timestamp, _>(now);
-            }
-            query.execute(conn)?;
+        let mut per_provider = Upsert::new(
+            "provider_stats",
+            &["provider_id", "day"],
+            &PROVIDER_STATS_SUM_COLUMNS,
+        );
+        per_provider.replaced = Some("updated_at");
+        let (mut providers, mut days) = (vec![], vec![]);
+        let mut sums = SumColumns::default();
+        for ((provider, day), s) in &self.providers {
+            providers.push(provider.clone());
+            days.push(*day);
+            sums.push(s);
         }
+        let updated_at = vec![super::now(); providers.len()];
+        per_provider.values = vec![Column::Text(providers), Column::Date(days)];
+        per_provider.values.extend(sums.into_columns());
+        per_provider.values.push(Column::Timestamp(updated_at));
+        per_provider.run(conn)?;
 
-        let users: Vec<_> = self.users.iter().collect();
-        for chunk in users.chunks(ROLLUP_ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO usage_daily_users (provider_id, day, user_id) VALUES {} \
-                 ON CONFLICT (provider_id, day, user_id) DO NOTHING",
-                values_rows(chunk.len(), 3),
-            );
-            let mut query = statement(conn, &sql);
-            for (provider, day, user) in chunk {
-                query = query
-                    .bind::<Text, _>(provider.clone())
-                    .bind::<Date, _>(*day)
-                    .bind::<Text, _>(user.clone());
+        let mut day_users =
+            Upsert::new("usage_daily_users", &["provider_id", "day", "user_id"], &[]);
+        let (mut providers, mut days, mut users) = (vec![], vec![], vec![]);
+        for (provider, day, user) in &self.users {
+            providers.push(provider.clone());
+            days.push(*day);
+            users.push(user.clone());
+        }
+        day_users.values = vec![
+            Column::Text(providers),
+            Column::Date(days),
+            Column::Text(users),
+        ];
+        day_users.run(conn)
+    }
+}
+
+/// Rows of one rollup table to upsert: `INSERT … ON CONFLICT (key) DO UPDATE` adding the new sums
+/// to the stored ones (or `DO NOTHING` when there are none).
+///
+/// Postgres gets one statement whatever the batch, its rows as one array per column
+/// (`UNNEST`): a few typed parameters parse and plan much faster than a `VALUES` list with
+/// thousands. SQLite, which has no arrays, gets `VALUES` lists of bound scalars.
+struct Upsert {
+    table: &'static str,
+    key: &'static [&'static str],
+    added: &'static [&'static str],
+    /// A column set to the new row's value on conflict (a timestamp).
+    replaced: Option<&'static str>,
+    /// Column-major: key columns, added columns, then the replaced column.
+    values: Vec<Column>,
+}
+
+/// Rollup rows per SQLite statement: 14 binds each stays under its 32,766 bound values.
+const ROLLUP_ROWS_PER_STATEMENT: usize = 1000;
+
+impl Upsert {
+    fn new(
+        table: &'static str,
+        key: &'static [&'static str],
+        added: &'static [&'static str],
+    ) -> Upsert {
+        Upsert {
+            table,
+            key,
+            added,
+            replaced: None,
+            values: Vec::new(),
+        }
+    }
+
+    fn sql(&self, rows: &str) -> String {
+        let columns: Vec<&str> = self
+            .key
+            .iter()
+            .chain(self.added)
+            .chain(&self.replaced)
+            .copied()
+            .collect();
+        let table = self.table;
+        let mut set: Vec<String> = self
+            .added
+            .iter()
+            .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+            .collect();
+        set.extend(self.replaced.map(|c| format!("{c} = excluded.{c}")));
+        let action = if set.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", set.join(", "))
+        };
+        format!(
+            "INSERT INTO {table} ({}) {rows} ON CONFLICT ({}) {action}",
+            columns.join(", "),
+            self.key.join(", ")
+        )
+    }
+
+    fn run(self, conn: &mut DbConn) -> Result<(), StoreError> {
+        let rows = self.values.first().map_or(0, Column::len);
+        if rows == 0 {
+            return Ok(());
+        }
+        match conn {
+            DbConn::Postgres(pg) => {
+                let arrays: Vec<String> =
+                    (1..=self.values.len()).map(|n| format!("${n}")).collect();
+                let sql = self.sql(&format!("SELECT * FROM UNNEST({})", arrays.join(", ")));
+                let mut query = diesel::sql_query(sql).into_boxed::<Pg>();
+                for column in self.values {
+                    query = column.bind_array(query);
+                }
+                query.execute(pg)?;
             }
-            query.execute(conn)?;
+            DbConn::Sqlite(_) => {
+                for start in (0..rows).step_by(ROLLUP_ROWS_PER_STATEMENT) {
+                    let end = (start + ROLLUP_ROWS_PER_STATEMENT).min(rows);
+                    let tuple = format!("({})", vec!["?"; self.values.len()].join(", "));
+                    let sql = self.sql(&format!("VALUES {}", vec![tuple; end - start].join(", ")));
+                    let mut query = statement(conn, &sql);
+                    for row in start..end {
+                        for column in &self.values {
+                            query = column.bind_value(row, query);
+                        }
+                    }
+                    query.execute(conn)?;
+                }
+            }
         }
         Ok(())
     }
 }
 
-/// Binds the ten sums in [`Sums`] field order.
-fn bind_sums(query: Statement, sums: &Sums) -> Statement {
-    query
-        .bind::<BigInt, _>(sums.requests)
-        .bind::<BigInt, _>(sums.successes)
-        .bind::<BigInt, _>(sums.errors)
-        .bind::<BigInt, _>(sums.timeouts)
-        .bind::<BigInt, _>(sums.quota_exhausted)
-        .bind::<BigInt, _>(sums.rate_limited)
-        .bind::<BigInt, _>(sums.input_tokens)
-        .bind::<BigInt, _>(sums.output_tokens)
-        .bind::<BigInt, _>(sums.latency_ms)
-        .bind::<Double, _>(sums.cost)
+/// One column of the rows of an [`Upsert`].
+enum Column {
+    Date(Vec<NaiveDate>),
+    Text(Vec<String>),
+    BigInt(Vec<i64>),
+    Double(Vec<f64>),
+    Timestamp(Vec<NaiveDateTime>),
 }
 
-/// `(?, ?, …), (?, ?, …)`: `rows` tuples of `columns` placeholders.
-fn values_rows(rows: usize, columns: usize) -> String {
-    let tuple = format!("({})", vec!["?"; columns].join(", "));
-    vec![tuple; rows].join(", ")
+impl Column {
+    fn len(&self) -> usize {
+        match self {
+            Column::Date(v) => v.len(),
+            Column::Text(v) => v.len(),
+            Column::BigInt(v) => v.len(),
+            Column::Double(v) => v.len(),
+            Column::Timestamp(v) => v.len(),
+        }
+    }
+
+    /// Binds row `i`'s value.
+    fn bind_value(&self, i: usize, query: Statement) -> Statement {
+        match self {
+            Column::Date(v) => query.bind::<Date, _>(v[i]),
+            Column::Text(v) => query.bind::<Text, _>(v[i].clone()),
+            Column::BigInt(v) => query.bind::<BigInt, _>(v[i]),
+            Column::Double(v) => query.bind::<Double, _>(v[i]),
+            Column::Timestamp(v) => query.bind::<Timestamp, _>(v[i]),
+        }
+    }
+
+    /// Binds the whole column as one Postgres array.
+    fn bind_array(self, query: PgStatement) -> PgStatement {
+        match self {
+            Column::Date(v) => query.bind::<Array<Date>, _>(v),
+            Column::Text(v) => query.bind::<Array<Text>, _>(v),
+            Column::BigInt(v) => query.bind::<Array<BigInt>, _>(v),
+            Column::Double(v) => query.bind::<Array<Double>, _>(v),
+            Column::Timestamp(v) => query.bind::<Array<Timestamp>, _>(v),
+        }
+    }
 }
 
-/// `c = table.c + excluded.c, …`: an upsert that adds the new sums to the stored ones.
-fn add_excluded(table: &str, columns: &[&str]) -> String {
-    columns
-        .iter()
-        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// [`Sums`] of many rows, column by column.
+#[derive(Default)]
+struct SumColumns {
+    counts: [Vec<i64>; 9],
+    cost: Vec<f64>,
+}
+
+impl SumColumns {
+    fn push(&mut self, s: &Sums) {
+        let counts = [
+            s.requests,
+            s.successes,
+            s.errors,
+            s.timeouts,
+            s.quota_exhausted,
+            s.rate_limited,
+            s.input_tokens,
+            s.output_tokens,
+            s.latency_ms,
+        ];
+        for (column, value) in self.counts.iter_mut().zip(counts) {
+            column.push(value);
+        }
+        self.cost.push(s.cost);
+    }
+
+    /// In [`Sums`] field order.
+    fn into_columns(self) -> impl Iterator<Item = Column> {
+        self.counts
+            .into_iter()
+            .map(Column::BigInt)
+            .chain([Column::Double(self.cost)])
+    }
 }
 
 /// Recomputes `day`'s rollups (`usage_daily`, `usage_daily_users`, `provider_stats`) from
@@ -475,12 +602,11 @@ pub fn aggregate_day(conn: &mut DbConn, day: NaiveDate) -> Result<u64, StoreErro
         statement(
             conn,
             &format!(
-                "INSERT INTO usage_daily (day, provider_id, user_id, model, requests, successes, \
-                 errors, timeouts, quota_exhausted, rate_limited, input_tokens, output_tokens, \
-                 latency_ms, cost) \
+                "INSERT INTO usage_daily (day, provider_id, user_id, model, {}) \
                  SELECT ?, provider_id, COALESCE(user_id, ''), model, {LOG_SUMS} \
                  FROM request_logs WHERE ts >= ? AND ts < ? \
-                 GROUP BY provider_id, COALESCE(user_id, ''), model"
+                 GROUP BY provider_id, COALESCE(user_id, ''), model",
+                USAGE_DAILY_SUM_COLUMNS.join(", ")
             ),
         )
         .bind::<Date, _>(day)
@@ -500,11 +626,10 @@ pub fn aggregate_day(conn: &mut DbConn, day: NaiveDate) -> Result<u64, StoreErro
         statement(
             conn,
             &format!(
-                "INSERT INTO provider_stats (provider_id, day, total_requests, \
-                 successful_requests, error_count, timeout_count, quota_exhausted, rate_limited, \
-                 input_tokens, output_tokens, total_latency_ms, total_cost, updated_at) \
+                "INSERT INTO provider_stats (provider_id, day, {}, updated_at) \
                  SELECT provider_id, ?, {LOG_SUMS}, ? \
-                 FROM request_logs WHERE ts >= ? AND ts < ? GROUP BY provider_id"
+                 FROM request_logs WHERE ts >= ? AND ts < ? GROUP BY provider_id",
+                PROVIDER_STATS_SUM_COLUMNS.join(", ")
             ),
         )
         .bind::<Date, _>(day)
@@ -514,7 +639,10 @@ pub fn aggregate_day(conn: &mut DbConn, day: NaiveDate) -> Result<u64, StoreErro
         .execute(conn)?;
         let total = statement(
             conn,
-            &format!("SELECT {PROVIDER_STATS_SUMS} FROM provider_stats WHERE day = ?"),
+            &format!(
+                "SELECT {} FROM provider_stats WHERE day = ?",
+                rollup_sums(&PROVIDER_STATS_SUM_COLUMNS)
+            ),
         )
         .bind::<Date, _>(day)
         .get_result::<Sums>(conn)?;
@@ -658,14 +786,15 @@ impl Scope<'_> {
 fn sums(conn: &mut DbConn, scope: Scope, range: &Split) -> Result<Sums, StoreError> {
     let mut total = Sums::default();
     if range.days.start < range.days.end {
-        // A provider's days live in provider_stats (one row per day); users and the whole
-        // gateway read usage_daily.
+        // provider_stats holds one row per provider and day: it answers for a provider and for
+        // the whole gateway. Only a user's usage needs the finer usage_daily.
         let (columns, table) = match scope {
-            Scope::Provider(_) => (PROVIDER_STATS_SUMS, "provider_stats"),
-            _ => (USAGE_DAILY_SUMS, "usage_daily"),
+            Scope::User(_) => (&USAGE_DAILY_SUM_COLUMNS, "usage_daily"),
+            Scope::All | Scope::Provider(_) => (&PROVIDER_STATS_SUM_COLUMNS, "provider_stats"),
         };
         let sql = format!(
-            "SELECT {columns} FROM {table} WHERE day >= ? AND day < ?{}",
+            "SELECT {} FROM {table} WHERE day >= ? AND day < ?{}",
+            rollup_sums(columns),
             scope.filter()
         );
         let query = statement(conn, &sql)
@@ -861,6 +990,7 @@ pub fn error_stats(
 // Raw statements
 
 type Statement = BoxedSqlQuery<'static, MultiBackend, SqlQuery>;
+type PgStatement = BoxedSqlQuery<'static, Pg, SqlQuery>;
 
 /// A raw statement for `conn`'s backend: the `?` placeholders of `sql` become `$1, $2, …` on
 /// Postgres. (The statements of this module have no `?` inside string literals.)
