@@ -133,7 +133,8 @@ struct Member {
     addr: Addr<AccountActor>,
     summary: Summary,
     /// The version of the last state collected, and that state (to recreate a dead actor).
-    last_state: Option<AccountState>,
+    /// Boxed: most members have none most of the time, and ten thousand inline states add up.
+    last_state: Option<Box<AccountState>>,
 }
 
 /// What every account actor of the pool is built with.
@@ -236,7 +237,12 @@ impl PoolActor {
                 .last_state
                 .as_ref()
                 .map(|s| (now - s.saved_at).max(0));
-            match self.spawn_account(&member.name, &member.spec, member.last_state.as_ref(), gap) {
+            match self.spawn_account(
+                &member.name,
+                &member.spec,
+                member.last_state.as_deref(),
+                gap,
+            ) {
                 Ok(addr) => {
                     log::error!(
                         event = "actor_restarted", account_id = &**id, provider = &*self.provider;
@@ -500,7 +506,7 @@ impl Handler<AddAccount> for PoolActor {
                 headroom: 1.0,
                 ..Summary::default()
             },
-            last_state: msg.saved,
+            last_state: msg.saved.map(Box::new),
         });
         self.rebuild_index();
         Ok(addr)
@@ -570,7 +576,7 @@ impl Handler<CollectChanged> for PoolActor {
             .map(|changed, act, _ctx| {
                 for (id, state) in &changed {
                     if let Some(&i) = act.index.get(id) {
-                        act.members[i].last_state = Some(state.clone());
+                        act.members[i].last_state = Some(Box::new(state.clone()));
                     }
                 }
                 changed
