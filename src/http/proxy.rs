@@ -10,6 +10,7 @@
 //! retried on another account; connection errors, timeouts and 5xx are retried up to
 //! `upstream.retries` times. Retries happen only before the first byte went to the client.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -767,8 +768,6 @@ impl Drop for MeteredStream {
         }
     }
 }
-
-use std::future::Future as _;
 
 #[cfg(test)]
 mod tests {
