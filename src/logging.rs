@@ -8,7 +8,6 @@
 use std::io::{self, Write};
 
 use log::kv::{Error as KvError, Key, Value, VisitSource};
-use serde_json::{Map, Value as Json};
 
 use crate::config::LogFormat;
 
@@ -27,21 +26,46 @@ pub fn init(level: &str, format: LogFormat) {
     let _ = builder.try_init();
 }
 
-/// One record as a JSON line: `ts`, `level`, `target`, `msg`, then the key-values (typed).
+/// One record as a JSON line: `ts`, `level`, `target`, `msg`, then the key-values (typed), in
+/// that order. Written straight to the output (no intermediate JSON tree): one line per request
+/// is on the hot path.
 pub fn write_json(out: &mut impl Write, record: &log::Record<'_>) -> io::Result<()> {
-    let mut line = Map::new();
-    line.insert("ts".into(), Json::String(timestamp()));
-    line.insert(
-        "level".into(),
-        Json::String(record.level().as_str().to_ascii_lowercase()),
-    );
-    line.insert("target".into(), Json::String(record.target().to_string()));
-    line.insert("msg".into(), Json::String(record.args().to_string()));
-    let mut fields = JsonFields(&mut line);
-    // A key-value that cannot be visited is dropped rather than losing the whole line.
-    let _ = record.key_values().visit(&mut fields);
-    serde_json::to_writer(&mut *out, &Json::Object(line))?;
-    writeln!(out)
+    use serde::ser::{SerializeMap as _, Serializer as _};
+    let mut line = Vec::with_capacity(256);
+    {
+        let mut serializer = serde_json::Serializer::new(&mut line);
+        let mut map = serializer.serialize_map(None).map_err(io::Error::other)?;
+        map.serialize_entry("ts", &timestamp())
+            .and_then(|()| map.serialize_entry("level", &Lowercase(record.level().as_str())))
+            .and_then(|()| map.serialize_entry("target", record.target()))
+            .and_then(|()| map.serialize_entry("msg", &Displayed(record.args())))
+            .map_err(io::Error::other)?;
+        let mut fields = JsonFields(&mut map, Ok(()));
+        // A key-value that cannot be visited is dropped rather than losing the whole line.
+        let _ = record.key_values().visit(&mut fields);
+        fields.1.map_err(io::Error::other)?;
+        map.end().map_err(io::Error::other)?;
+    }
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+/// Serialises a `Display` value as a JSON string without an intermediate `String`.
+struct Displayed<'a, T: std::fmt::Display>(&'a T);
+
+impl<T: std::fmt::Display> serde::Serialize for Displayed<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self.0)
+    }
+}
+
+/// A level name in lower case (`info`), as the log lines spell it.
+struct Lowercase<'a>(&'a str);
+
+impl serde::Serialize for Lowercase<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0.to_ascii_lowercase())
+    }
 }
 
 /// One record as readable text: `ts LEVEL target: msg key=value …`.
@@ -64,12 +88,15 @@ fn timestamp() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-struct JsonFields<'a>(&'a mut Map<String, Json>);
+struct JsonFields<'a, M>(&'a mut M, Result<(), serde_json::Error>);
 
-impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
+impl<'kvs, M: serde::ser::SerializeMap<Error = serde_json::Error>> VisitSource<'kvs>
+    for JsonFields<'_, M>
+{
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), KvError> {
-        let json = serde_json::to_value(&value).unwrap_or_else(|_| Json::String(value.to_string()));
-        self.0.insert(key.as_str().to_string(), json);
+        if self.1.is_ok() {
+            self.1 = self.0.serialize_entry(key.as_str(), &value);
+        }
         Ok(())
     }
 }
@@ -110,7 +137,7 @@ mod tests {
     fn a_json_line_has_the_standard_keys_and_typed_fields() {
         let line = render(write_json);
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
-        let json: Json = serde_json::from_str(&line).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(json["level"], "warn");
         assert_eq!(json["target"], "quotagate::http");
         assert_eq!(json["msg"], "request done");
