@@ -73,7 +73,7 @@ async fn request_id(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 200)
         .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(new_request_id);
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.call(req).await?;
     if let Ok(value) = HeaderValue::from_str(&id) {
@@ -84,16 +84,45 @@ async fn request_id(
     Ok(response)
 }
 
+/// A random (v4) uuid from a per-thread generator: request ids need to be unique, not secret, and
+/// a system call for each would cost more than the rest of the id.
+fn new_request_id() -> String {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let seed = uuid::Uuid::new_v4().as_u128();
+            (seed as u64 ^ (seed >> 64) as u64) | 1
+        });
+    }
+    let next = || {
+        STATE.with(|s| {
+            // xorshift64*
+            let mut x = s.get();
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            s.set(x);
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        })
+    };
+    let bytes = (u128::from(next()) << 64 | u128::from(next())).to_le_bytes();
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
 fn routes(cfg: &mut web::ServiceConfig) {
+    // The router tries routes in order, and the admin routes' `{id}` patterns are regexes: the
+    // client API, on every request's path, comes first.
+    cfg.service(proxy::chat_completions)
+        .service(proxy::embeddings)
+        .service(proxy::models)
+        .service(healthz)
+        .service(readyz)
+        .service(metrics);
     admin::configure(cfg);
     stats::configure(cfg);
     openapi::configure(cfg);
-    cfg.service(healthz)
-        .service(readyz)
-        .service(metrics)
-        .service(proxy::chat_completions)
-        .service(proxy::embeddings)
-        .service(proxy::models);
 }
 
 /// Prometheus text.
