@@ -129,6 +129,8 @@ pub struct AccountActor {
     events: EventSink,
     /// The pending expiry sweep, if any.
     sweep: Option<(SpawnHandle, Millis)>,
+    /// This account's `quota_usage_percent` (looked up once, set after every change).
+    usage_gauge: prometheus::Gauge,
     /// The provider's in-flight gauge, and how much of it is this account's.
     inflight_gauge: prometheus::IntGauge,
     inflight_reported: i64,
@@ -146,8 +148,13 @@ impl AccountActor {
             .metrics()
             .reservations_in_flight
             .with_label_values(&[&*who.provider_id]);
+        let usage_gauge = events
+            .metrics()
+            .quota_usage_percent
+            .with_label_values(&[&*who.account_id, &*who.provider_id]);
         AccountActor {
             account,
+            usage_gauge,
             who,
             clock,
             reservation_timeout: crate::domain::time::duration_ms(reservation_timeout),
@@ -202,12 +209,8 @@ impl AccountActor {
     }
 
     fn publish_usage(&self) {
-        let status = self.account.status(self.now());
-        self.events
-            .metrics()
-            .quota_usage_percent
-            .with_label_values(&[&*self.who.account_id, &*self.who.provider_id])
-            .set(status.usage_percent);
+        self.usage_gauge
+            .set(self.account.quota().usage_fraction() * 100.0);
     }
 
     /// Makes sure a sweep runs at the earliest reservation deadline.

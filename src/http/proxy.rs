@@ -289,7 +289,16 @@ async fn forward(
                 let now = state.runtime.clock().now_ms();
                 let param = match &verdict {
                     crate::domain::refusal::Verdict::Impossible { limit_value, .. } => {
-                        request.too_large_param(*limit_value, 0)
+                        // A request without its own bound got each provider's default.
+                        let default_bound = state
+                            .runtime
+                            .registry()
+                            .route(&request.model)
+                            .iter()
+                            .map(|(p, _)| p.spec.upstream.max_completion_tokens)
+                            .min()
+                            .unwrap_or(0);
+                        request.too_large_param(*limit_value, default_bound)
                     }
                     _ => "messages",
                 };
