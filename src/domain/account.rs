@@ -7,11 +7,16 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::lease::Units;
 use super::limits::{LimitKind, LimitSpec, NamedLimit};
 use super::quota::{Quota, QuotaCounters, QuotaEvent};
 use super::schedule::Schedule;
 use super::time::Millis;
 use super::window::{Block, Window, WindowCounters};
+
+mod ledger;
+
+pub use ledger::{Exchanged, NeedGranted};
 
 /// Consecutive failures that open the circuit.
 pub const FAILURE_STREAK: u32 = 3;
@@ -173,16 +178,21 @@ impl From<QuotaEvent> for AccountEvent {
     }
 }
 
+/// Units held for a holder: one request's reservation, or a holder's running lease (see
+/// [`super::lease`]). The units count as in flight in every window of `mask`, the quota and the
+/// concurrency slots until settled.
 #[derive(Debug, Clone)]
-struct Reservation {
-    estimate: u64,
+struct Lease {
     model: Arc<str>,
     /// Bit `i` set: counted in `windows[i]`.
     mask: u64,
-    reserved_at: Millis,
+    held: Units,
+    granted_at: Millis,
     deadline: Millis,
     /// The one request a half-open circuit lets through.
     probe: bool,
+    /// A holder's lease, renewed by its reports (else: one request's reservation).
+    holder: bool,
 }
 
 /// The circuit breaker: closed (normal), open until a time, or half-open (one probe at a time).
@@ -243,9 +253,20 @@ pub struct AccountState {
     /// Reservations in flight when saved (estimate, model): a restore commits them at their
     /// estimate.
     pub in_flight: Vec<(u64, String)>,
+    /// Units leased to holders when saved: a restore commits them as used, like reservations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leased: Vec<LeasedUnits>,
     /// Highest requests and tokens admitted in one sync interval (for the crash-gap charge).
     pub peak_requests: u64,
     pub peak_tokens: u64,
+}
+
+/// Units a holder held when the state was saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedUnits {
+    pub model: String,
+    pub requests: u64,
+    pub tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -258,9 +279,12 @@ pub struct Account {
     quota: Quota,
     windows: Vec<Window>,
     concurrent: Option<u64>,
+    /// Concurrency slots held (by reservations and leases).
     inflight: u64,
-    reservations: HashMap<u64, Reservation>,
-    next_reservation: u64,
+    leases: HashMap<u64, Lease>,
+    next_lease: u64,
+    /// Raised when admission must stop at once everywhere (see [`super::lease`]).
+    epoch: u64,
     cooldown_until: Millis,
     circuit: Circuit,
     failures: u32,
@@ -345,8 +369,9 @@ impl Account {
             windows,
             concurrent,
             inflight: 0,
-            reservations: HashMap::new(),
-            next_reservation: 1,
+            leases: HashMap::new(),
+            next_lease: 1,
+            epoch: 1,
             cooldown_until: 0,
             circuit: Circuit::Closed,
             failures: 0,
@@ -384,9 +409,19 @@ impl Account {
         &self.windows
     }
 
-    /// The earliest deadline of an unsettled reservation.
+    /// The earliest deadline of an unsettled reservation or lease.
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.reservations.values().map(|r| r.deadline).min()
+        self.leases.values().map(|r| r.deadline).min()
+    }
+
+    /// The lease epoch: leases granted under an older one admit nothing more.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Stops admission from every lease at once (their units come back at their reports).
+    pub fn revoke_leases(&mut self) {
+        self.epoch += 1;
     }
 
     /// Sets how long the peak-rate intervals are (the sync interval).
@@ -441,52 +476,10 @@ impl Account {
         let estimate = estimate.max(1);
         self.roll(now, events);
         self.admissible(model, estimate, now)?;
-        let mut probe = false;
-        if let Circuit::HalfOpen {
-            probing: false,
-            backoff,
-        } = self.circuit
-        {
-            self.circuit = Circuit::HalfOpen {
-                probing: true,
-                backoff,
-            };
-            probe = true;
-        }
-        let mut mask = 0u64;
-        let (mut remaining_requests, mut remaining_tokens) = (None::<u64>, None::<u64>);
-        for (i, w) in self.windows.iter_mut().enumerate() {
-            if !w.applies_to(model) {
-                continue;
-            }
-            mask |= 1 << i;
-            let units = units(w.kind(), 1, estimate);
-            w.reserve(units);
-            let left = w.remaining(now);
-            let slot = match w.kind() {
-                LimitKind::Requests => &mut remaining_requests,
-                _ => &mut remaining_tokens,
-            };
-            *slot = Some(slot.map_or(left, |s| s.min(left)));
-        }
-        self.quota.reserve(estimate);
-        self.inflight += 1;
-        self.peak.add(1, estimate, now);
-        let id = self.next_reservation;
-        self.next_reservation += 1;
+        let probe = self.take_probe();
         let deadline = now.saturating_add(timeout);
-        self.reservations.insert(
-            id,
-            Reservation {
-                estimate,
-                model: Arc::from(model),
-                mask,
-                reserved_at: now,
-                deadline,
-                probe,
-            },
-        );
-        self.touch();
+        let id = self.open_lease(model, Units::request(estimate), now, deadline, probe, false);
+        let (remaining_requests, remaining_tokens) = self.window_room(model, now);
         Ok(Grant {
             reservation: id,
             deadline,
@@ -498,6 +491,13 @@ impl Account {
     /// Whether a reservation would pass now, without taking it (the seed's `CheckAvailability`).
     /// Call [`Account::roll`] first.
     pub fn admissible(&self, model: &str, estimate: u64, now: Millis) -> Result<(), Denial> {
+        self.admissible_units(model, Units::request(estimate), now)
+    }
+
+    /// Whether `need` would fit now (a request, or several at once). Call [`Account::roll`]
+    /// first.
+    pub fn admissible_units(&self, model: &str, need: Units, now: Millis) -> Result<(), Denial> {
+        let estimate = need.tokens;
         if !self.active {
             return Err(Denial::Disabled {
                 reason: self.disabled_reason.clone(),
@@ -516,7 +516,7 @@ impl Account {
             });
         }
         for w in self.windows.iter().filter(|w| w.applies_to(model)) {
-            let need = units(w.kind(), 1, estimate);
+            let need = units(w.kind(), need.requests, estimate);
             if need > w.limit() {
                 return Err(Denial::Impossible {
                     limit: w.label().clone(),
@@ -539,7 +539,7 @@ impl Account {
             None => held = Some((label.clone(), at, lower)),
         };
         for w in self.windows.iter().filter(|w| w.applies_to(model)) {
-            match w.check(units(w.kind(), 1, estimate), now) {
+            match w.check(units(w.kind(), need.requests, estimate), now) {
                 Ok(()) => {}
                 Err(Block::Impossible { limit, need }) => {
                     return Err(Denial::Impossible {
@@ -569,7 +569,7 @@ impl Account {
             _ => {}
         }
         if let Some(limit) = self.concurrent {
-            if self.inflight >= limit {
+            if self.inflight + need.slots > limit {
                 hold(
                     &Arc::from("concurrent"),
                     now + self.expected_latency(now),
@@ -590,7 +590,12 @@ impl Account {
     /// A guess at when the oldest request in flight finishes: the average latency less its age,
     /// at least 50 ms. Only used as a lower-bound hint.
     fn expected_latency(&self, now: Millis) -> Millis {
-        let oldest = self.reservations.values().map(|r| r.reserved_at).min();
+        let oldest = self
+            .leases
+            .values()
+            .filter(|l| !l.holder)
+            .map(|l| l.granted_at)
+            .min();
         let age = oldest.map_or(0, |t| now - t);
         (self.latency_ewma as Millis - age).max(50)
     }
@@ -605,50 +610,29 @@ impl Account {
         events: &mut Vec<AccountEvent>,
     ) -> bool {
         self.roll(now, events);
-        let Some(r) = self.reservations.remove(&reservation) else {
+        let Some(lease) = self.leases.remove(&reservation) else {
             return false;
         };
         let tokens = match usage {
             Usage::Reported(t) => t,
             Usage::RequestOnly => 0,
-            Usage::Estimate => r.estimate,
+            Usage::Estimate => lease.held.tokens,
         };
-        for (i, w) in self.windows.iter_mut().enumerate() {
-            if r.mask & (1 << i) != 0 {
-                w.commit(
-                    units(w.kind(), 1, r.estimate),
-                    units(w.kind(), 1, tokens),
-                    now,
-                );
-            }
-        }
-        let mut quota_events = Vec::new();
-        self.quota.commit(r.estimate, tokens, &mut quota_events);
-        events.extend(quota_events.into_iter().map(AccountEvent::from));
-        self.inflight = self.inflight.saturating_sub(1);
-        if r.probe {
-            self.end_probe();
-        }
-        self.touch();
+        let used = Units {
+            requests: lease.held.requests,
+            tokens,
+            slots: 0,
+        };
+        self.close_lease(&lease, used, now, events);
         true
     }
 
     /// Returns a reservation that never reached the upstream; `false` when unknown.
     pub fn release(&mut self, reservation: u64) -> bool {
-        let Some(r) = self.reservations.remove(&reservation) else {
+        let Some(lease) = self.leases.remove(&reservation) else {
             return false;
         };
-        for (i, w) in self.windows.iter_mut().enumerate() {
-            if r.mask & (1 << i) != 0 {
-                w.release(units(w.kind(), 1, r.estimate));
-            }
-        }
-        self.quota.release(r.estimate);
-        self.inflight = self.inflight.saturating_sub(1);
-        if r.probe {
-            self.end_probe();
-        }
-        self.touch();
+        self.close_lease(&lease, Units::ZERO, 0, &mut Vec::new());
         true
     }
 
@@ -668,7 +652,7 @@ impl Account {
 
     /// Extends a long stream's reservation; `false` when unknown.
     pub fn renew(&mut self, reservation: u64, now: Millis, timeout: Millis) -> bool {
-        match self.reservations.get_mut(&reservation) {
+        match self.leases.get_mut(&reservation) {
             Some(r) => {
                 r.deadline = now.saturating_add(timeout);
                 true
@@ -677,16 +661,24 @@ impl Account {
         }
     }
 
-    /// Commits every reservation past its deadline at its estimate; returns how many.
+    /// Commits every reservation and lease past its deadline as used in full (its outcome is
+    /// unknown); returns how many.
     pub fn expire(&mut self, now: Millis, events: &mut Vec<AccountEvent>) -> usize {
+        self.roll(now, events);
         let due: Vec<u64> = self
-            .reservations
+            .leases
             .iter()
             .filter(|(_, r)| r.deadline <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in &due {
-            self.commit(*id, Usage::Estimate, now, events);
+            if let Some(lease) = self.leases.remove(id) {
+                let used = Units {
+                    slots: 0,
+                    ..lease.held
+                };
+                self.close_lease(&lease, used, now, events);
+            }
         }
         due.len()
     }
@@ -694,6 +686,7 @@ impl Account {
     /// Applies an upstream answer: latency and error averages, cooldown after a 429, the circuit
     /// breaker after failures, disabling after 401/403, and header tightening.
     pub fn feedback(&mut self, fb: &Feedback, now: Millis, events: &mut Vec<AccountEvent>) {
+        let was_open = self.open_for_leases(now);
         let failed = matches!(fb.outcome, UpstreamOutcome::Failure);
         self.latency_ewma = ewma(self.latency_ewma, fb.latency_ms as f64);
         self.error_ewma = ewma(self.error_ewma, if failed { 1.0 } else { 0.0 });
@@ -758,6 +751,10 @@ impl Account {
                 self.windows[i].tighten(remaining, now + reset, now);
             }
         }
+        if was_open && !self.open_for_leases(now) {
+            // A 429, a refused key or an open circuit stops every holder at once.
+            self.revoke_leases();
+        }
         self.touch();
     }
 
@@ -770,19 +767,19 @@ impl Account {
         events: &mut Vec<AccountEvent>,
     ) {
         self.roll(now, events);
-        for w in self.windows.iter_mut().filter(|w| w.applies_to(model)) {
-            w.record(units(w.kind(), 1, tokens), now);
-        }
-        let mut quota_events = Vec::new();
-        self.quota.record(tokens, &mut quota_events);
-        events.extend(quota_events.into_iter().map(AccountEvent::from));
-        self.peak.add(1, tokens, now);
-        self.touch();
+        let used = Units {
+            requests: 1,
+            tokens,
+            slots: 0,
+        };
+        self.record_used(model, used, now, events);
     }
 
     /// An operator's reset: quota usage, windows, cooldown and circuit. Reservations in flight
     /// stay (they will still be settled).
     pub fn reset(&mut self, now: Millis, events: &mut Vec<AccountEvent>) {
+        // Holders' cached refusals and leases were sized before the reset: start over.
+        self.revoke_leases();
         events.push(self.quota.reset(now).into());
         for w in &mut self.windows {
             w.clear(now);
@@ -806,19 +803,16 @@ impl Account {
                 w.restore(counters, now);
             }
         }
-        next.reservations = std::mem::take(&mut self.reservations);
-        next.inflight = self.inflight;
-        next.next_reservation = self.next_reservation;
-        for r in next.reservations.values_mut() {
-            r.mask = 0;
-            for (i, w) in next.windows.iter_mut().enumerate() {
-                if w.applies_to(&r.model) {
-                    r.mask |= 1 << i;
-                    w.reserve(units(w.kind(), 1, r.estimate));
-                }
-            }
-            next.quota.reserve(r.estimate);
+        next.leases = std::mem::take(&mut self.leases);
+        next.next_lease = self.next_lease;
+        let leases: Vec<(u64, Lease)> = next.leases.drain().collect();
+        for (id, mut lease) in leases {
+            lease.mask = next.mask_for(&lease.model);
+            next.hold(lease.mask, lease.held);
+            next.leases.insert(id, lease);
         }
+        // Limits changed: holders must ask again under the new ones.
+        next.epoch = self.epoch + 1;
         next.cooldown_until = self.cooldown_until;
         next.circuit = self.circuit;
         next.failures = self.failures;
@@ -939,9 +933,20 @@ impl Account {
             circuit: Some(self.circuit),
             failures: self.failures,
             in_flight: self
-                .reservations
+                .leases
                 .values()
-                .map(|r| (r.estimate, r.model.to_string()))
+                .filter(|l| !l.holder)
+                .map(|l| (l.held.tokens, l.model.to_string()))
+                .collect(),
+            leased: self
+                .leases
+                .values()
+                .filter(|l| l.holder && !l.held.is_zero())
+                .map(|l| LeasedUnits {
+                    model: l.model.to_string(),
+                    requests: l.held.requests,
+                    tokens: l.held.tokens,
+                })
                 .collect(),
             peak_requests: self.peak.peak_requests,
             peak_tokens: self.peak.peak_tokens,
@@ -967,6 +972,14 @@ impl Account {
         let mut events = Vec::new();
         for (estimate, model) in &saved.in_flight {
             self.consume(model, *estimate, now, &mut events);
+        }
+        for leased in &saved.leased {
+            let used = Units {
+                requests: leased.requests,
+                tokens: leased.tokens,
+                slots: 0,
+            };
+            self.record_used(&leased.model, used, now, &mut events);
         }
         if let Some(gap) = gap {
             self.charge_gap(gap, now);

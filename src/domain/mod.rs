@@ -14,5 +14,8 @@ pub mod time;
 pub mod window;
 
 pub mod estimate;
+pub mod lease;
+#[cfg(test)]
+mod lease_tests;
 #[cfg(test)]
 mod tests;
