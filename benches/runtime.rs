@@ -99,6 +99,8 @@ fn settings(arbiters: usize) -> RuntimeSettings {
         clock: Arc::new(SystemClock),
         arbiters,
         reservation_timeout: Duration::from_secs(600),
+        report_interval: Duration::from_millis(25),
+        lease_ttl: Duration::from_secs(10),
         peak_interval: Duration::from_secs(1),
         quota: QuotaSettings {
             schedule: Schedule::daily_utc(),

@@ -216,6 +216,8 @@ pub async fn start_runtime(
         clock: Arc::new(SystemClock),
         arbiters,
         reservation_timeout: config.sync.reservation_timeout,
+        report_interval: config.sync.report_interval,
+        lease_ttl: config.sync.lease_ttl,
         peak_interval: config.sync.redis_interval,
         quota: quota.clone(),
         metrics: metrics.clone(),

@@ -1,11 +1,18 @@
-//! `AccountActor`: owns one account's [`Account`] state. Thin: every message runs one domain
-//! operation under `catch_unwind` on a copy that replaces the state only on success, so a panic
-//! loses only the message that caused it.
+//! `AccountActor`: owns one account's [`Account`] state — the ledger of its capacity leases
+//! (DESIGN.md, "Capacity leases"). Thin: every message runs one domain operation.
 //!
-//! Settling messages (`Commit`, `Release`) are sent with `do_send`, which is always queued: a
-//! reservation is never lost. [`ReservationGuard`] makes that impossible to forget.
+//! Holders (the worker threads) exchange with it in batches ([`Exchange`]); a request that finds
+//! the room tight gets a reservation of its own, settled with [`Commit`] / [`Release`], which are
+//! sent with `do_send` and so always queued: a reservation is never lost
+//! ([`super::reservation::ReservationGuard`] makes that impossible to forget).
+//!
+//! Panics: an operation runs under `catch_unwind` directly on the state (no copy per message).
+//! A panic may leave the state half-changed, so the actor stops; its pool rebuilds it from its
+//! last collected state with the crash charge (see `PoolActor`), and the lease epoch, shared with
+//! the holders, moves on so that no holder admits from a lease of the old actor.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,30 +20,41 @@ use actix::prelude::*;
 
 use super::events::{AccountRef, Event, EventSink};
 use crate::domain::account::{
-    Account, AccountEvent, AccountSpec, AccountState, Denial, Feedback, Grant, QuotaStatus,
-    Summary, Usage, WindowStats,
+    Account, AccountEvent, AccountSpec, AccountState, Denial, Exchanged, Feedback, QuotaStatus,
+    Successes, Summary, Usage, WindowStats,
 };
+use crate::domain::lease::{LeaseReport, Units};
 use crate::domain::time::{Millis, SharedClock};
 
 // ------------------------------------------------------------------------------------------------
 // Messages
 // ------------------------------------------------------------------------------------------------
 
-/// Reserves `estimate` tokens and a slot in every window that applies to `model`.
+/// A holder's exchange: settles its report on its lease, answers the `need` of a waiting request
+/// (zero: none), grows the lease by up to `want`, and takes the successes the holder saw since its
+/// last exchange. Answers `None` when the operation failed (the actor then stops and is rebuilt).
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<(Grant, Summary), (Rejection, Summary)>")]
-pub struct Reserve {
+#[rtype(result = "Option<ExchangeReply>")]
+pub struct Exchange {
     pub model: Arc<str>,
-    pub estimate: u64,
+    pub report: Option<LeaseReport>,
+    pub need: Units,
+    pub want: Units,
+    pub successes: Option<Successes>,
 }
 
-/// Why an account did not reserve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    Denied(Denial),
-    /// The operation panicked; the account kept its state from before the message.
-    Internal,
+/// What an exchange gave, and the account's summary for the holder's view of its pool.
+#[derive(Debug, Clone)]
+pub struct ExchangeReply {
+    pub exchanged: Exchanged,
+    pub summary: Summary,
 }
+
+/// The upstream's answer to a request admitted from a lease, when it must act at once (a 429, a
+/// refused key, a failure): settling happens in the holder's report.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Feed(pub Feedback);
 
 /// Settles a reservation with what it used, and the upstream's feedback when there was an answer.
 #[derive(Message, Debug, Clone)]
@@ -117,6 +135,46 @@ pub struct Roll;
 #[rtype(result = "()")]
 pub struct Stop;
 
+/// What a holder reads without a message: the account's lease epoch (see
+/// [`crate::domain::lease`]). Shared by the account's actor (which sets it after every
+/// operation) and every holder of its leases; it outlives a rebuilt actor.
+#[derive(Debug, Default)]
+pub struct LeaseControl {
+    epoch: AtomicU64,
+}
+
+impl LeaseControl {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Ends every lease granted so far (the actor is being replaced): the next actor starts
+    /// from an epoch above every earlier one.
+    pub fn retire(&self) -> u64 {
+        self.epoch.fetch_add(1 << 32, Ordering::AcqRel) + (1 << 32)
+    }
+}
+
+/// Timing of an account's reservations and leases.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerTimes {
+    /// A single-request reservation never settled counts as settled at its estimate after this.
+    pub reservation_timeout: Duration,
+    /// A holder lease not renewed by a report within this counts as used in full.
+    pub lease_ttl: Duration,
+}
+
+/// Told to the pool when an actor stopped on its own (a panic), so that it is rebuilt.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Broke {
+    pub account_id: Arc<str>,
+}
+
 // ------------------------------------------------------------------------------------------------
 // The actor
 // ------------------------------------------------------------------------------------------------
@@ -125,13 +183,18 @@ pub struct AccountActor {
     account: Account,
     who: AccountRef,
     clock: SharedClock,
-    reservation_timeout: Millis,
+    times: LedgerTimes,
     events: EventSink,
+    control: Arc<LeaseControl>,
+    /// Told when the actor stops on its own (a panic), so that it is rebuilt.
+    on_broken: Option<Recipient<Broke>>,
+    /// A panic left the state in doubt: the actor stops and is rebuilt.
+    broken: bool,
     /// The pending expiry sweep, if any.
     sweep: Option<(SpawnHandle, Millis)>,
     /// This account's `quota_usage_percent` (looked up once, set after every change).
     usage_gauge: prometheus::Gauge,
-    /// The provider's in-flight gauge, and how much of it is this account's.
+    /// The provider's in-flight gauge, and how much of it is this account's reservations.
     inflight_gauge: prometheus::IntGauge,
     inflight_reported: i64,
 }
@@ -141,8 +204,10 @@ impl AccountActor {
         account: Account,
         who: AccountRef,
         clock: SharedClock,
-        reservation_timeout: Duration,
+        times: LedgerTimes,
         events: EventSink,
+        control: Arc<LeaseControl>,
+        on_broken: Option<Recipient<Broke>>,
     ) -> AccountActor {
         let inflight_gauge = events
             .metrics()
@@ -157,10 +222,13 @@ impl AccountActor {
             usage_gauge,
             who,
             clock,
-            reservation_timeout: crate::domain::time::duration_ms(reservation_timeout),
+            times,
             inflight_gauge,
             inflight_reported: 0,
             events,
+            control,
+            on_broken,
+            broken: false,
             sweep: None,
         }
     }
@@ -169,17 +237,21 @@ impl AccountActor {
         self.clock.now_ms()
     }
 
-    /// Runs a domain operation on a copy of the state; the copy replaces the state only if the
-    /// operation returns. Events it produced are emitted after the swap.
+    /// Runs a domain operation on the state under `catch_unwind`; events it produced are emitted
+    /// after it, and the lease epoch is published to the holders. A panic stops the actor (its
+    /// state may be half-changed): the pool rebuilds it from its last collected state.
     fn guarded<R>(
         &mut self,
+        ctx: &mut Context<Self>,
         op: impl FnOnce(&mut Account, &mut Vec<AccountEvent>) -> R,
     ) -> Option<R> {
-        let mut copy = self.account.clone();
+        if self.broken {
+            return None;
+        }
         let mut events = Vec::new();
-        match catch_unwind(AssertUnwindSafe(|| op(&mut copy, &mut events))) {
+        match catch_unwind(AssertUnwindSafe(|| op(&mut self.account, &mut events))) {
             Ok(result) => {
-                self.account = copy;
+                self.control.publish(self.account.epoch());
                 let at = self.now();
                 for kind in events {
                     self.events.emit(Event {
@@ -191,11 +263,13 @@ impl AccountActor {
                 Some(result)
             }
             Err(_) => {
+                self.broken = true;
                 self.events.metrics().actor_panics_total.inc();
                 log::error!(
                     event = "actor_panic", account_id = &*self.who.account_id, provider = &*self.who.provider;
-                    "an account operation panicked; the account keeps its state from before the message"
+                    "an account operation panicked; the account is rebuilt from its last saved state"
                 );
+                ctx.stop();
                 None
             }
         }
@@ -203,7 +277,7 @@ impl AccountActor {
 
     /// Moves the provider's in-flight gauge by this account's change since the last call.
     fn publish_inflight(&mut self) {
-        let now = self.account.inflight() as i64;
+        let now = self.account.reservations_in_flight() as i64;
         self.inflight_gauge.add(now - self.inflight_reported);
         self.inflight_reported = now;
     }
@@ -213,7 +287,7 @@ impl AccountActor {
             .set(self.account.quota().usage_fraction() * 100.0);
     }
 
-    /// Makes sure a sweep runs at the earliest reservation deadline.
+    /// Makes sure a sweep runs at the earliest reservation or lease deadline.
     fn schedule_sweep(&mut self, ctx: &mut Context<Self>) {
         let Some(deadline) = self.account.next_deadline() else {
             return;
@@ -228,12 +302,12 @@ impl AccountActor {
         let handle = ctx.run_later(delay, |act, ctx| {
             act.sweep = None;
             let now = act.now();
-            let expired = act.guarded(|a, ev| a.expire(now, ev)).unwrap_or(0);
+            let expired = act.guarded(ctx, |a, ev| a.expire(now, ev)).unwrap_or(0);
             act.publish_inflight();
             if expired > 0 {
                 log::warn!(
                     event = "reservation_expired", account_id = &*act.who.account_id, count = expired;
-                    "unsettled reservations committed at their estimate"
+                    "unsettled reservations or leases committed in full"
                 );
                 act.publish_usage();
             }
@@ -241,12 +315,20 @@ impl AccountActor {
         });
         self.sweep = Some((handle, deadline));
     }
+
+    /// After any change: gauges and the sweep follow the state.
+    fn changed(&mut self, ctx: &mut Context<Self>) {
+        self.publish_usage();
+        self.publish_inflight();
+        self.schedule_sweep(ctx);
+    }
 }
 
 impl Actor for AccountActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.control.publish(self.account.epoch());
         self.schedule_sweep(ctx);
         self.publish_usage();
     }
@@ -254,35 +336,66 @@ impl Actor for AccountActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         // A removed account's reservations no longer count.
         self.inflight_gauge.sub(self.inflight_reported);
+        if self.broken {
+            if let Some(pool) = &self.on_broken {
+                pool.do_send(Broke {
+                    account_id: self.who.account_id.clone(),
+                });
+            }
+        }
     }
 }
 
-impl Handler<Reserve> for AccountActor {
-    type Result = Result<(Grant, Summary), (Rejection, Summary)>;
+impl Handler<Exchange> for AccountActor {
+    type Result = Option<ExchangeReply>;
 
-    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Exchange, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
-        let timeout = self.reservation_timeout;
-        let result = self.guarded(|a, ev| a.reserve(&msg.model, msg.estimate, now, timeout, ev));
-        let summary = self.account.summary(now);
-        self.publish_inflight();
-        match result {
-            Some(Ok(grant)) => {
-                self.schedule_sweep(ctx);
-                Ok((grant, summary))
+        let (lease_ttl, reservation_ttl) = (
+            crate::domain::time::duration_ms(self.times.lease_ttl),
+            crate::domain::time::duration_ms(self.times.reservation_timeout),
+        );
+        let exchanged = self.guarded(ctx, |a, ev| {
+            #[cfg(feature = "fault-injection")]
+            if &*msg.model == crate::domain::account::PANIC_MODEL {
+                panic!("injected panic in an exchange");
             }
-            Some(Err(denial)) => Err((Rejection::Denied(denial), summary)),
-            None => Err((Rejection::Internal, summary)),
-        }
+            a.exchange(
+                &msg.model,
+                msg.report.as_ref(),
+                msg.successes.as_ref(),
+                msg.need,
+                msg.want,
+                now,
+                lease_ttl,
+                reservation_ttl,
+                ev,
+            )
+        })?;
+        self.changed(ctx);
+        Some(ExchangeReply {
+            exchanged,
+            summary: self.account.summary(now),
+        })
+    }
+}
+
+impl Handler<Feed> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Feed, ctx: &mut Context<Self>) {
+        let now = self.now();
+        self.guarded(ctx, |a, ev| a.feedback(&msg.0, now, ev));
+        self.publish_usage();
     }
 }
 
 impl Handler<Commit> for AccountActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Commit, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Commit, ctx: &mut Context<Self>) {
         let now = self.now();
-        self.guarded(|a, ev| {
+        self.guarded(ctx, |a, ev| {
             a.commit(msg.reservation, msg.usage, now, ev);
             if let Some(fb) = &msg.feedback {
                 a.feedback(fb, now, ev);
@@ -296,8 +409,8 @@ impl Handler<Commit> for AccountActor {
 impl Handler<Release> for AccountActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Release, _ctx: &mut Context<Self>) {
-        self.guarded(|a, _| a.release(msg.reservation));
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |a, _| a.release(msg.reservation));
         self.publish_inflight();
     }
 }
@@ -305,10 +418,11 @@ impl Handler<Release> for AccountActor {
 impl Handler<Renew> for AccountActor {
     type Result = bool;
 
-    fn handle(&mut self, msg: Renew, _ctx: &mut Context<Self>) -> bool {
-        let (now, timeout) = (self.now(), self.reservation_timeout);
+    fn handle(&mut self, msg: Renew, ctx: &mut Context<Self>) -> bool {
+        let now = self.now();
+        let timeout = crate::domain::time::duration_ms(self.times.reservation_timeout);
         // The sweep, when it fires early, finds nothing due and reschedules itself.
-        self.guarded(|a, _| a.renew(msg.reservation, now, timeout))
+        self.guarded(ctx, |a, _| a.renew(msg.reservation, now, timeout))
             .unwrap_or(false)
     }
 }
@@ -316,9 +430,9 @@ impl Handler<Renew> for AccountActor {
 impl Handler<GetStatus> for AccountActor {
     type Result = MessageResult<GetStatus>;
 
-    fn handle(&mut self, _msg: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _msg: GetStatus, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
-        self.guarded(|a, ev| a.roll(now, ev));
+        self.guarded(ctx, |a, ev| a.roll(now, ev));
         MessageResult(self.account.status(now))
     }
 }
@@ -326,9 +440,9 @@ impl Handler<GetStatus> for AccountActor {
 impl Handler<GetRateStats> for AccountActor {
     type Result = Vec<WindowStats>;
 
-    fn handle(&mut self, _msg: GetRateStats, _ctx: &mut Context<Self>) -> Vec<WindowStats> {
+    fn handle(&mut self, _msg: GetRateStats, ctx: &mut Context<Self>) -> Vec<WindowStats> {
         let now = self.now();
-        self.guarded(|a, ev| a.roll(now, ev));
+        self.guarded(ctx, |a, ev| a.roll(now, ev));
         self.account.window_stats(now)
     }
 }
@@ -336,9 +450,9 @@ impl Handler<GetRateStats> for AccountActor {
 impl Handler<Reset> for AccountActor {
     type Result = MessageResult<Reset>;
 
-    fn handle(&mut self, _msg: Reset, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _msg: Reset, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
-        self.guarded(|a, ev| a.reset(now, ev));
+        self.guarded(ctx, |a, ev| a.reset(now, ev));
         self.publish_usage();
         MessageResult(self.account.status(now))
     }
@@ -347,10 +461,10 @@ impl Handler<Reset> for AccountActor {
 impl Handler<UpdateAccount> for AccountActor {
     type Result = Result<(), String>;
 
-    fn handle(&mut self, msg: UpdateAccount, _ctx: &mut Context<Self>) -> Result<(), String> {
+    fn handle(&mut self, msg: UpdateAccount, ctx: &mut Context<Self>) -> Result<(), String> {
         let now = self.now();
         let result = self
-            .guarded(|a, _| a.update(&msg.spec, now))
+            .guarded(ctx, |a, _| a.update(&msg.spec, now))
             .unwrap_or_else(|| Err("the update panicked".to_string()));
         self.publish_usage();
         result
@@ -371,9 +485,9 @@ impl Handler<Snapshot> for AccountActor {
 impl Handler<CheckAvailability> for AccountActor {
     type Result = Result<(), Denial>;
 
-    fn handle(&mut self, msg: CheckAvailability, _ctx: &mut Context<Self>) -> Result<(), Denial> {
+    fn handle(&mut self, msg: CheckAvailability, ctx: &mut Context<Self>) -> Result<(), Denial> {
         let now = self.now();
-        self.guarded(|a, ev| a.roll(now, ev));
+        self.guarded(ctx, |a, ev| a.roll(now, ev));
         self.account.admissible(&msg.model, msg.estimate, now)
     }
 }
@@ -381,9 +495,9 @@ impl Handler<CheckAvailability> for AccountActor {
 impl Handler<ConsumeQuota> for AccountActor {
     type Result = MessageResult<ConsumeQuota>;
 
-    fn handle(&mut self, msg: ConsumeQuota, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ConsumeQuota, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.now();
-        self.guarded(|a, ev| a.consume(&msg.model, msg.tokens, now, ev));
+        self.guarded(ctx, |a, ev| a.consume(&msg.model, msg.tokens, now, ev));
         self.publish_usage();
         MessageResult(self.account.status(now))
     }
@@ -392,9 +506,9 @@ impl Handler<ConsumeQuota> for AccountActor {
 impl Handler<Roll> for AccountActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: Roll, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, _msg: Roll, ctx: &mut Context<Self>) {
         let now = self.now();
-        self.guarded(|a, ev| a.roll(now, ev));
+        self.guarded(ctx, |a, ev| a.roll(now, ev));
         self.publish_usage();
     }
 }
@@ -404,148 +518,5 @@ impl Handler<Stop> for AccountActor {
 
     fn handle(&mut self, _msg: Stop, ctx: &mut Context<Self>) {
         ctx.stop();
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// The settling guard
-// ------------------------------------------------------------------------------------------------
-
-/// A granted reservation that must be settled exactly once. Dropping it unsettled settles it:
-/// released when nothing was sent upstream, else committed at the estimate (the outcome is
-/// unknown). Both go through `do_send`, which is always queued.
-#[derive(Debug)]
-pub struct ReservationGuard {
-    addr: Addr<AccountActor>,
-    reservation: u64,
-    sent_upstream: bool,
-    settled: bool,
-    /// Counts the guard as outstanding until its settling message is queued (dropped last).
-    _ticket: Option<Ticket>,
-}
-
-/// Counts reservations not yet settled, so a shutdown can wait until every settling message of
-/// the requests it cut is queued before it flushes the state.
-#[derive(Debug, Clone, Default)]
-pub struct Outstanding(Arc<std::sync::atomic::AtomicUsize>);
-
-/// One outstanding reservation; dropping it counts it as settled.
-#[derive(Debug)]
-pub struct Ticket(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Outstanding {
-    pub fn ticket(&self) -> Ticket {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ticket(self.0.clone())
-    }
-
-    pub fn count(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl ReservationGuard {
-    pub fn new(addr: Addr<AccountActor>, reservation: u64) -> ReservationGuard {
-        ReservationGuard {
-            addr,
-            reservation,
-            sent_upstream: false,
-            settled: false,
-            _ticket: None,
-        }
-    }
-
-    /// Counts this guard in `outstanding` until it is settled.
-    pub fn counted_in(mut self, outstanding: &Outstanding) -> ReservationGuard {
-        self._ticket = Some(outstanding.ticket());
-        self
-    }
-
-    pub fn reservation(&self) -> u64 {
-        self.reservation
-    }
-
-    pub fn account(&self) -> &Addr<AccountActor> {
-        &self.addr
-    }
-
-    /// From now on the upstream may count the request: it can no longer be released.
-    pub fn mark_sent(&mut self) {
-        self.sent_upstream = true;
-    }
-
-    /// Settles with what the request used.
-    pub fn commit(mut self, usage: Usage, feedback: Option<Feedback>) {
-        self.settled = true;
-        self.addr.do_send(Commit {
-            reservation: self.reservation,
-            usage,
-            feedback,
-        });
-    }
-
-    /// Settles like [`ReservationGuard::commit`] and waits until the account has applied it.
-    pub async fn commit_confirmed(
-        mut self,
-        usage: Usage,
-        feedback: Option<Feedback>,
-    ) -> Result<(), MailboxError> {
-        self.settled = true;
-        let commit = Commit {
-            reservation: self.reservation,
-            usage,
-            feedback,
-        };
-        self.addr.send(commit).await
-    }
-
-    /// Returns a reservation whose request provably never left (the connection to the upstream
-    /// could not be opened), even after [`ReservationGuard::mark_sent`].
-    pub fn release_unsent(mut self) {
-        self.sent_upstream = false;
-        self.settled = true;
-        self.settle_unknown();
-    }
-
-    /// Returns the reservation; only valid while nothing was sent upstream (else it commits at
-    /// the estimate, as the guarantee requires).
-    pub fn release(mut self) {
-        self.settled = true;
-        self.settle_unknown();
-    }
-
-    /// Extends the reservation (long streams).
-    pub fn renew(&self) {
-        self.addr.do_send(Renew {
-            reservation: self.reservation,
-        });
-    }
-
-    fn settle_unknown(&self) {
-        if self.sent_upstream {
-            self.addr.do_send(Commit {
-                reservation: self.reservation,
-                usage: Usage::Estimate,
-                feedback: None,
-            });
-        } else {
-            self.addr.do_send(Release {
-                reservation: self.reservation,
-            });
-        }
-    }
-}
-
-impl Drop for ReservationGuard {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.settle_unknown();
-        }
     }
 }

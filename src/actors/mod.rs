@@ -5,13 +5,16 @@
 pub mod account;
 pub mod catalog;
 pub mod events;
+pub mod holder;
 pub mod pool;
 pub mod registry;
+pub mod reservation;
 pub mod supervisor;
 pub mod system;
 pub mod tracker;
 
-pub use system::{AcquireError, Lease, QuotaSystem, RuntimeSettings};
+pub use reservation::{Reservation, ReservationGuard};
+pub use system::{AcquireError, QuotaSystem, RuntimeSettings};
 
 use crate::domain::time::{Clock, Millis};
 

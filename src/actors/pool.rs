@@ -1,6 +1,8 @@
-//! `PoolActor`: one per provider. Owns the pool's members (account actors on the same arbiter),
-//! their last summaries and the strategy's cursor; `Acquire` tries candidates in the strategy's
-//! order until one reserves, else answers with every refusal combined.
+//! `PoolActor`: one per provider. Owns the pool's membership: it starts its account actors (on
+//! its own arbiter), updates and removes them, keeps each member's last collected state, and
+//! rebuilds a member whose actor broke (a panic) from that state, charged like a crash restore.
+//! Choosing an account for a request is not its job: every worker thread walks its own view of
+//! the pool (see `holder`), so admission never waits for this actor.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,39 +12,21 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use super::account::{
-    AccountActor, CheckAvailability, GetStatus, Rejection, Reserve, Reset, Roll, Snapshot, Stop,
+    AccountActor, Broke, GetStatus, LeaseControl, LedgerTimes, Reset, Roll, Snapshot, Stop,
     UpdateAccount,
 };
 use super::events::{AccountRef, EventSink};
-use crate::domain::account::{Account, AccountSpec, AccountState, Denial, Grant, Summary};
-use crate::domain::refusal::Refusals;
+use crate::domain::account::{Account, AccountSpec, AccountState};
 use crate::domain::schedule::Schedule;
-use crate::domain::selection;
 use crate::domain::time::SharedClock;
 use crate::domain::Strategy;
+
+/// How often the pool refreshes its `available_accounts` gauge.
+const AVAILABILITY_EVERY: Duration = Duration::from_secs(5);
 
 // ------------------------------------------------------------------------------------------------
 // Messages
 // ------------------------------------------------------------------------------------------------
-
-/// Reserves on one account of the pool that serves `model`.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Acquired, Refusals>")]
-pub struct Acquire {
-    pub model: Arc<str>,
-    pub estimate: u64,
-    /// Accounts not to try (already tried for this request).
-    pub exclude: Vec<Arc<str>>,
-}
-
-/// A reservation granted by one of the pool's accounts.
-#[derive(Debug, Clone)]
-pub struct Acquired {
-    pub account_id: Arc<str>,
-    pub account_name: Arc<str>,
-    pub addr: Addr<AccountActor>,
-    pub grant: Grant,
-}
 
 /// The seed's `GetPoolStatus`.
 #[derive(Message, Debug, Clone)]
@@ -81,9 +65,16 @@ pub struct SetStrategy(pub Strategy);
 #[rtype(result = "usize")]
 pub struct ResetAll;
 
+/// A running account: its actor and the lease epoch its holders read.
+#[derive(Debug, Clone)]
+pub struct AccountHandle {
+    pub addr: Addr<AccountActor>,
+    pub control: Arc<LeaseControl>,
+}
+
 /// Starts an account actor in this pool (on the pool's arbiter), optionally from a saved state.
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Addr<AccountActor>, String>")]
+#[rtype(result = "Result<AccountHandle, String>")]
 pub struct AddAccount {
     pub name: Arc<str>,
     pub spec: AccountSpec,
@@ -131,7 +122,7 @@ struct Member {
     name: Arc<str>,
     spec: AccountSpec,
     addr: Addr<AccountActor>,
-    summary: Summary,
+    control: Arc<LeaseControl>,
     /// The version of the last state collected, and that state (to recreate a dead actor).
     /// Boxed: most members have none most of the time, and ten thousand inline states add up.
     last_state: Option<Box<AccountState>>,
@@ -141,7 +132,7 @@ struct Member {
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
     pub clock: SharedClock,
-    pub reservation_timeout: Duration,
+    pub times: LedgerTimes,
     /// Length of the peak-rate intervals (the sync interval).
     pub peak_interval: Duration,
     /// When quotas reset: the pool tells its members at each boundary.
@@ -155,8 +146,6 @@ pub struct PoolActor {
     strategy: Strategy,
     members: Vec<Member>,
     index: HashMap<Arc<str>, usize>,
-    cursor: usize,
-    rng: u64,
     settings: PoolSettings,
     /// Told when a member is recreated, so the registry points at the new actor.
     on_revive: Option<Recipient<Revived>>,
@@ -170,17 +159,12 @@ impl PoolActor {
         settings: PoolSettings,
         on_revive: Option<Recipient<Revived>>,
     ) -> PoolActor {
-        let seed = provider_id.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
-        });
         PoolActor {
             provider_id,
             provider,
             strategy,
             members: Vec::new(),
             index: HashMap::new(),
-            cursor: 0,
-            rng: seed | 1,
             settings,
             on_revive,
         }
@@ -202,9 +186,13 @@ impl PoolActor {
         spec: &AccountSpec,
         saved: Option<&AccountState>,
         gap: Option<i64>,
+        control: &Arc<LeaseControl>,
+        me: Recipient<Broke>,
     ) -> Result<Addr<AccountActor>, String> {
         let now = self.settings.clock.now_ms();
         let mut account = Account::new(spec, now)?;
+        // Above every epoch of an actor this one replaces: their leases admit no more.
+        account.start_epoch_at(control.retire());
         account.set_peak_interval(crate::domain::time::duration_ms(
             self.settings.peak_interval,
         ));
@@ -215,15 +203,17 @@ impl PoolActor {
             account,
             self.account_ref(&spec.id, name),
             self.settings.clock.clone(),
-            self.settings.reservation_timeout,
+            self.settings.times,
             self.settings.events.clone(),
+            control.clone(),
+            Some(me),
         );
         Ok(actor.start())
     }
 
     /// Recreates members whose actor died, from their last collected state, charged like a crash
     /// restore (the interval since that state is unknown).
-    fn revive(&mut self, dead: &[Arc<str>]) {
+    fn revive(&mut self, dead: &[Arc<str>], me: Recipient<Broke>) {
         let now = self.settings.clock.now_ms();
         for id in dead {
             let Some(&i) = self.index.get(id) else {
@@ -242,6 +232,8 @@ impl PoolActor {
                 &member.spec,
                 member.last_state.as_deref(),
                 gap,
+                &member.control,
+                me.clone(),
             ) {
                 Ok(addr) => {
                     log::error!(
@@ -293,114 +285,17 @@ impl Actor for PoolActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.schedule_quota_boundary(ctx);
+        ctx.run_interval(AVAILABILITY_EVERY, |act, ctx| {
+            ctx.spawn(act.status().map(|_, _, _| ()));
+        });
     }
 }
 
-impl Handler<Acquire> for PoolActor {
-    type Result = ResponseActFuture<Self, Result<Acquired, Refusals>>;
+impl Handler<Broke> for PoolActor {
+    type Result = ();
 
-    fn handle(&mut self, msg: Acquire, _ctx: &mut Context<Self>) -> Self::Result {
-        let summaries: Vec<Summary> = self.members.iter().map(|m| m.summary).collect();
-        let order = selection::order(self.strategy, &summaries, &mut self.cursor, &mut self.rng);
-        let (excluded, tries): (Vec<usize>, Vec<usize>) = order
-            .into_iter()
-            .partition(|&i| msg.exclude.contains(&self.members[i].id));
-        let member = |i: usize| {
-            let m = &self.members[i];
-            (m.id.clone(), m.name.clone(), m.addr.clone())
-        };
-        let tries: Vec<(Arc<str>, Arc<str>, Addr<AccountActor>)> =
-            tries.into_iter().map(member).collect();
-        // Accounts already tried for this request are not reserved again, but when nothing else
-        // has room their state (e.g. the cooldown an upstream 429 just set) decides the answer.
-        let excluded: Vec<Addr<AccountActor>> = excluded.into_iter().map(|i| member(i).2).collect();
-        let provider = self.provider.clone();
-        let provider_id = self.provider_id.clone();
-        let metrics = self.settings.events.metrics().clone();
-        let attempt = async move {
-            let mut refusals = Refusals::default();
-            let mut seen: Vec<(Arc<str>, Summary)> = Vec::with_capacity(tries.len());
-            let mut dead = Vec::new();
-            let reserve = Reserve {
-                model: msg.model,
-                estimate: msg.estimate,
-            };
-            for (id, name, addr) in tries {
-                match addr.send(reserve.clone()).await {
-                    Ok(Ok((grant, summary))) => {
-                        log::debug!(
-                            provider = &*provider, account_id = &*id, reservation = grant.reservation,
-                            estimate = reserve.estimate, model = &*reserve.model;
-                            "account selected"
-                        );
-                        seen.push((id.clone(), summary));
-                        let acquired = Acquired {
-                            account_id: id,
-                            account_name: name,
-                            addr,
-                            grant,
-                        };
-                        return (Ok(acquired), seen, dead);
-                    }
-                    Ok(Err((rejection, summary))) => {
-                        seen.push((id.clone(), summary));
-                        match rejection {
-                            Rejection::Denied(denial) => {
-                                log::debug!(
-                                    provider = &*provider, account_id = &*id, model = &*reserve.model;
-                                    "candidate skipped: {denial:?}"
-                                );
-                                if let Denial::RateLimited { limit, .. } = &denial {
-                                    metrics
-                                        .rate_limit_hits_total
-                                        .with_label_values(&[&*provider_id, &**limit])
-                                        .inc();
-                                }
-                                refusals.add(&denial);
-                            }
-                            Rejection::Internal => refusals.add_unavailable(),
-                        }
-                    }
-                    Err(_) => {
-                        // The actor is gone (it panicked outside a guarded operation).
-                        refusals.add_unavailable();
-                        dead.push(id);
-                    }
-                }
-            }
-            for addr in excluded {
-                let check = CheckAvailability {
-                    model: reserve.model.clone(),
-                    estimate: reserve.estimate,
-                };
-                if let Ok(Err(denial)) = addr.send(check).await {
-                    refusals.add(&denial);
-                }
-            }
-            (Err(refusals), seen, dead)
-        };
-        Box::pin(
-            attempt
-                .into_actor(self)
-                .map(|(result, seen, dead), act, _ctx| {
-                    for (id, summary) in seen {
-                        if let Some(&i) = act.index.get(&id) {
-                            act.members[i].summary = summary;
-                        }
-                    }
-                    let available = act.members.iter().filter(|m| m.summary.available).count();
-                    act.settings
-                        .events
-                        .metrics()
-                        .available_accounts
-                        .with_label_values(&[&*act.provider_id])
-                        .set(available as i64);
-                    if !dead.is_empty() {
-                        act.revive(&dead);
-                    }
-                    result
-                }),
-        )
+    fn handle(&mut self, msg: Broke, ctx: &mut Context<Self>) {
+        self.revive(&[msg.account_id], ctx.address().recipient());
     }
 }
 
@@ -408,6 +303,13 @@ impl Handler<GetPoolStatus> for PoolActor {
     type Result = ResponseActFuture<Self, PoolStatus>;
 
     fn handle(&mut self, _msg: GetPoolStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        self.status()
+    }
+}
+
+impl PoolActor {
+    /// Every member's status (and the `available_accounts` gauge set from it).
+    fn status(&mut self) -> ResponseActFuture<Self, PoolStatus> {
         let members: Vec<(Arc<str>, Arc<str>, Addr<AccountActor>)> = self
             .members
             .iter()
@@ -489,27 +391,31 @@ impl Handler<ResetAll> for PoolActor {
 }
 
 impl Handler<AddAccount> for PoolActor {
-    type Result = Result<Addr<AccountActor>, String>;
+    type Result = Result<AccountHandle, String>;
 
-    fn handle(&mut self, msg: AddAccount, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: AddAccount, ctx: &mut Context<Self>) -> Self::Result {
         if self.index.contains_key(&msg.spec.id) {
             return Err(format!("account {} is already in the pool", msg.spec.id));
         }
-        let addr = self.spawn_account(&msg.name, &msg.spec, msg.saved.as_ref(), msg.gap)?;
+        let control = Arc::new(LeaseControl::default());
+        let addr = self.spawn_account(
+            &msg.name,
+            &msg.spec,
+            msg.saved.as_ref(),
+            msg.gap,
+            &control,
+            ctx.address().recipient(),
+        )?;
         self.members.push(Member {
             id: msg.spec.id.clone(),
             name: msg.name,
             spec: msg.spec,
             addr: addr.clone(),
-            summary: Summary {
-                available: true,
-                headroom: 1.0,
-                ..Summary::default()
-            },
+            control: control.clone(),
             last_state: msg.saved.map(Box::new),
         });
         self.rebuild_index();
-        Ok(addr)
+        Ok(AccountHandle { addr, control })
     }
 }
 

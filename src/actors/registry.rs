@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use actix::Addr;
 
-use super::account::AccountActor;
+use super::account::{AccountActor, LeaseControl};
 use super::catalog::ProviderSpec;
 use super::pool::PoolActor;
 use crate::config::Credentials;
@@ -26,6 +26,8 @@ pub struct AccountEntry {
     pub provider_id: Arc<str>,
     pub provider: Arc<str>,
     pub addr: Addr<AccountActor>,
+    /// The account's lease epoch, read by holders without a message.
+    pub control: Arc<LeaseControl>,
     pub credentials: Option<Arc<Credentials>>,
 }
 
@@ -52,6 +54,8 @@ pub struct Registry {
     providers: Vec<Arc<ProviderEntry>>,
     accounts: Vec<Arc<AccountEntry>>,
     account_ids: HashMap<Arc<str>, usize>,
+    /// Indices into `accounts` per provider id.
+    by_provider: HashMap<Arc<str>, Vec<usize>>,
 }
 
 /// The registry as published: readers clone the `Arc` and never hold the lock.
@@ -73,10 +77,18 @@ impl Registry {
             .enumerate()
             .map(|(i, a)| (a.id.clone(), i))
             .collect();
+        let mut by_provider: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        for (i, a) in accounts.iter().enumerate() {
+            by_provider
+                .entry(a.provider_id.clone())
+                .or_default()
+                .push(i);
+        }
         Registry {
             providers,
             accounts,
             account_ids,
+            by_provider,
         }
     }
 
@@ -86,6 +98,18 @@ impl Registry {
 
     pub fn accounts(&self) -> &[Arc<AccountEntry>] {
         &self.accounts
+    }
+
+    /// The accounts of the provider with id `provider_id`.
+    pub fn accounts_of<'a>(
+        &'a self,
+        provider_id: &str,
+    ) -> impl Iterator<Item = &'a Arc<AccountEntry>> + 'a {
+        self.by_provider
+            .get(provider_id)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.accounts[i])
     }
 
     /// A provider by id or name.

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::account::AccountActor;
 use super::catalog::{self, ProviderSpec, QuotaSettings};
 use super::pool::{
-    AddAccount, CollectChanged, PoolActor, PoolSettings, RemoveAccount, Revived, SetStrategy,
-    UpdateMember,
+    AccountHandle, AddAccount, CollectChanged, PoolActor, PoolSettings, RemoveAccount, Revived,
+    SetStrategy, UpdateMember,
 };
 use super::registry::{AccountEntry, ProviderEntry, Registry, SharedRegistry};
 use crate::domain::account::AccountState;
@@ -82,7 +81,7 @@ pub struct CatalogSource {
 struct Pool {
     addr: Addr<PoolActor>,
     spec: ProviderSpec,
-    accounts: HashMap<Arc<str>, Addr<AccountActor>>,
+    accounts: HashMap<Arc<str>, AccountHandle>,
 }
 
 pub struct Supervisor {
@@ -147,13 +146,14 @@ impl Supervisor {
                 pool: pool.addr.clone(),
             }));
             for member in &pool.spec.accounts {
-                if let Some(addr) = pool.accounts.get(&member.spec.id) {
+                if let Some(handle) = pool.accounts.get(&member.spec.id) {
                     accounts.push(Arc::new(AccountEntry {
                         id: member.spec.id.clone(),
                         name: member.name.clone(),
                         provider_id: pool.spec.id.clone(),
                         provider: pool.spec.name.clone(),
-                        addr: addr.clone(),
+                        addr: handle.addr.clone(),
+                        control: handle.control.clone(),
                         credentials: member.credentials.clone(),
                     }));
                 }
@@ -370,7 +370,7 @@ enum PoolStep {
 
 /// What became of a [`PoolStep`].
 enum StepOutcome {
-    Added(Addr<AccountActor>),
+    Added(AccountHandle),
     Updated,
     Removed,
     Failed(String),
@@ -456,8 +456,12 @@ impl Handler<Revived> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: Revived, _ctx: &mut Context<Self>) {
-        if let Some(pool) = self.pools.get_mut(&msg.provider_id) {
-            pool.accounts.insert(msg.account_id, msg.addr);
+        if let Some(handle) = self
+            .pools
+            .get_mut(&msg.provider_id)
+            .and_then(|pool| pool.accounts.get_mut(&msg.account_id))
+        {
+            handle.addr = msg.addr;
             self.publish();
         }
     }

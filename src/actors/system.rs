@@ -13,17 +13,19 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::account::{
-    CheckAvailability, ConsumeQuota, GetRateStats, GetStatus, Outstanding, ReservationGuard, Reset,
+    CheckAvailability, ConsumeQuota, GetRateStats, GetStatus, LedgerTimes, Reset,
 };
 use super::catalog::{ProviderSpec, QuotaSettings};
 use super::events::{Event, EventSink, Notifier};
-use super::pool::{Acquire, GetPoolStatus, PoolSettings, PoolStatus, ResetAll};
-use super::registry::{self, AccountEntry, Lookup, ProviderEntry, Registry, SharedRegistry};
+use super::holder::{self, HolderSettings, Holders};
+use super::pool::{GetPoolStatus, PoolSettings, PoolStatus, ResetAll};
+use super::registry::{self, Lookup, Registry, SharedRegistry};
+use super::reservation::{Outstanding, Reservation};
 use super::supervisor::{
     ApplyCatalog, CatalogChange, CatalogSource, CollectAll, Reload, Restored, Supervisor,
 };
-use crate::domain::account::{AccountEvent, AccountState, Denial, Grant, QuotaStatus, WindowStats};
-use crate::domain::refusal::{Refusals, Verdict};
+use crate::domain::account::{AccountEvent, AccountState, Denial, QuotaStatus, WindowStats};
+use crate::domain::refusal::Verdict;
 use crate::domain::time::SharedClock;
 use crate::metrics::Metrics;
 
@@ -34,6 +36,11 @@ pub struct RuntimeSettings {
     /// Threads hosting the pools; 0 = the caller's arbiter.
     pub arbiters: usize,
     pub reservation_timeout: Duration,
+    /// How often each worker thread reports to its accounts and refills its leases; zero: no
+    /// leases (every request asks its account's actor).
+    pub report_interval: Duration,
+    /// A lease not renewed by its holder within this counts as used in full.
+    pub lease_ttl: Duration,
     /// The sync interval: also the unit of the peak rates kept for crash-gap charges.
     pub peak_interval: Duration,
     pub quota: QuotaSettings,
@@ -42,20 +49,7 @@ pub struct RuntimeSettings {
     pub source: Option<CatalogSource>,
 }
 
-/// A reservation on one account, ready to be used upstream.
-#[derive(Debug)]
-pub struct Lease {
-    pub provider: Arc<ProviderEntry>,
-    pub account: Arc<AccountEntry>,
-    /// The model name to send upstream.
-    pub model: Arc<str>,
-    pub estimate: u64,
-    pub grant: Grant,
-    /// Settles the reservation; dropping it settles too (see [`ReservationGuard`]).
-    pub guard: ReservationGuard,
-}
-
-/// Why `acquire` gave no lease.
+/// Why `acquire` admitted nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcquireError {
     #[error("no provider serves model `{0}`")]
@@ -81,8 +75,10 @@ pub struct QuotaSystem {
     clock: SharedClock,
     /// The actix system this runtime owns (only when started in its own thread).
     own_system: Option<actix::System>,
-    /// Leases handed out and not yet settled.
+    /// Reservations and holder shards not yet settled.
     outstanding: Outstanding,
+    /// The worker threads' holders of capacity leases.
+    holders: Arc<Holders>,
 }
 
 impl std::fmt::Debug for QuotaSystem {
@@ -112,7 +108,10 @@ impl QuotaSystem {
         let registry: SharedRegistry = Arc::new(RwLock::new(Arc::new(Registry::default())));
         let pool_settings = PoolSettings {
             clock: settings.clock.clone(),
-            reservation_timeout: settings.reservation_timeout,
+            times: LedgerTimes {
+                reservation_timeout: settings.reservation_timeout,
+                lease_ttl: settings.lease_ttl,
+            },
             peak_interval: settings.peak_interval,
             quota_schedule: settings.quota.schedule.clone(),
             events: events.clone(),
@@ -132,13 +131,23 @@ impl QuotaSystem {
             pools = change.pools_added, accounts = change.accounts_added, arbiters = settings.arbiters;
             "actor runtime started"
         );
+        let outstanding = Outstanding::default();
+        let holders = Holders::new(HolderSettings {
+            clock: settings.clock.clone(),
+            report_interval: settings.report_interval,
+            reservation_timeout: settings.reservation_timeout,
+            metrics: settings.metrics.clone(),
+            outstanding: outstanding.clone(),
+            registry: registry.clone(),
+        });
         Ok(QuotaSystem {
             supervisor,
             registry,
             events,
             clock: settings.clock,
             own_system: None,
-            outstanding: Outstanding::default(),
+            outstanding,
+            holders,
         })
     }
 
@@ -171,14 +180,28 @@ impl QuotaSystem {
 
     /// Stops the thread started by [`QuotaSystem::start_in_thread`] (no-op otherwise).
     pub fn shutdown(&self) {
+        self.holders.stop();
         self.supervisor.do_send(super::supervisor::StopArbiters);
         if let Some(system) = &self.own_system {
             system.stop();
         }
     }
 
-    /// Waits (at most `limit`) until every lease handed out is settled, i.e. its settling message
-    /// is queued at its account; returns how many were still open when the wait ended.
+    /// Ends the worker threads' leases: each reports and gives back what it holds at its next
+    /// report tick (or when its thread ends).
+    pub fn stop_holders(&self) {
+        self.holders.stop();
+    }
+
+    /// Reports what this thread's holder used (of one account, or all) and waits until the
+    /// accounts applied it: status reads that follow see this thread's admissions.
+    pub async fn report_local(&self, account: Option<&str>) {
+        holder::flush_local(&self.holders, account).await;
+    }
+
+    /// Waits (at most `limit`) until every reservation handed out is settled and every holder
+    /// shard has reported, i.e. their settling messages are queued at their accounts; returns
+    /// how many were still open when the wait ended.
     pub async fn settled(&self, limit: Duration) -> usize {
         let deadline = std::time::Instant::now() + limit;
         while self.outstanding.count() > 0 && std::time::Instant::now() < deadline {
@@ -224,67 +247,29 @@ impl QuotaSystem {
 
     /// Reserves on an account of a provider serving `model`, trying providers in turn (a pool
     /// with no room falls back to the next one). `estimate` gives the request's token estimate for
-    /// a provider (tokenizers and completion bounds differ). Refusals of every account are
-    /// combined into one verdict.
+    /// a provider (tokenizers and completion bounds differ). `exclude`: accounts not to reserve
+    /// on (already tried for this request; their state still counts in the refusal). Refusals of
+    /// every account are combined into one verdict.
     pub async fn acquire(
         &self,
         model: &str,
         estimate: impl Fn(&ProviderSpec) -> u64,
         exclude: &[Arc<str>],
-    ) -> Result<Lease, AcquireError> {
-        let registry = self.registry();
-        let routes = registry.route(model);
-        if routes.is_empty() {
-            return Err(AcquireError::ModelNotFound(model.to_string()));
-        }
-        let mut refusals = Refusals::default();
-        for (provider, upstream_model) in routes {
-            let estimate = estimate(&provider.spec);
-            let asked = provider
-                .pool
-                .send(Acquire {
-                    model: upstream_model.clone(),
-                    estimate,
-                    exclude: exclude.to_vec(),
-                })
-                .await;
-            match asked {
-                Ok(Ok(acquired)) => {
-                    let guard =
-                        ReservationGuard::new(acquired.addr.clone(), acquired.grant.reservation)
-                            .counted_in(&self.outstanding);
-                    let account = match registry.account(&acquired.account_id) {
-                        Ok(account) => account.clone(),
-                        Err(_) => {
-                            // Removed meanwhile: give the slot back and keep looking.
-                            guard.release();
-                            refusals.add_unavailable();
-                            continue;
-                        }
-                    };
-                    return Ok(Lease {
-                        provider,
-                        account,
-                        model: upstream_model,
-                        estimate,
-                        grant: acquired.grant,
-                        guard,
-                    });
-                }
-                Ok(Err(pool_refusals)) => refusals.merge(&pool_refusals),
-                Err(_) => refusals.add_unavailable(),
-            }
-        }
-        Err(AcquireError::Refused(refusals.verdict()))
+    ) -> Result<Reservation, AcquireError> {
+        holder::acquire(&self.holders, self.registry(), model, estimate, exclude).await
     }
 
     pub async fn status(&self, account: &str) -> Result<QuotaStatus, QueryError> {
-        let addr = self.registry().account(account)?.addr.clone();
+        let entry = self.registry().account(account)?.clone();
+        self.report_local(Some(&entry.id)).await;
+        let addr = entry.addr.clone();
         addr.send(GetStatus).await.map_err(|_| QueryError::Stopped)
     }
 
     pub async fn rate_stats(&self, account: &str) -> Result<Vec<WindowStats>, QueryError> {
-        let addr = self.registry().account(account)?.addr.clone();
+        let entry = self.registry().account(account)?.clone();
+        self.report_local(Some(&entry.id)).await;
+        let addr = entry.addr.clone();
         addr.send(GetRateStats)
             .await
             .map_err(|_| QueryError::Stopped)
@@ -335,6 +320,7 @@ impl QuotaSystem {
 
     pub async fn pool_status(&self, provider: &str) -> Result<PoolStatus, QueryError> {
         let pool = self.registry().provider(provider)?.pool.clone();
+        self.report_local(None).await;
         pool.send(GetPoolStatus)
             .await
             .map_err(|_| QueryError::Stopped)

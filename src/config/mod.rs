@@ -419,7 +419,8 @@ pub struct RedisConfig {
     pub db: i64,
 }
 
-/// `sync`: how often account state is flushed, and how long a reservation may stay unsettled.
+/// `sync`: how often account state is flushed, how long a reservation may stay unsettled, and
+/// how the worker threads' capacity leases are reported and renewed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncConfig {
@@ -429,6 +430,14 @@ pub struct SyncConfig {
     pub database_interval: Duration,
     #[serde(with = "codec::duration")]
     pub reservation_timeout: Duration,
+    /// How often each worker thread reports what it used and refills its leases (`0s`: no
+    /// leases; every request asks its account's actor). Unused leased units come back at each
+    /// report, so this bounds how long an idle worker strands capacity.
+    #[serde(with = "codec::duration")]
+    pub report_interval: Duration,
+    /// A lease its holder stops renewing counts as used in full after this.
+    #[serde(with = "codec::duration")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for SyncConfig {
@@ -437,6 +446,8 @@ impl Default for SyncConfig {
             redis_interval: Duration::from_secs(1),
             database_interval: Duration::from_secs(5),
             reservation_timeout: Duration::from_secs(600),
+            report_interval: Duration::from_millis(25),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }

@@ -38,6 +38,12 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
     positive("sync.redis_interval", config.sync.redis_interval)?;
     positive("sync.database_interval", config.sync.database_interval)?;
     positive("sync.reservation_timeout", config.sync.reservation_timeout)?;
+    positive("sync.lease_ttl", config.sync.lease_ttl)?;
+    check(
+        config.sync.lease_ttl >= 10 * config.sync.report_interval,
+        "sync.lease_ttl",
+        "must be at least ten times sync.report_interval (leases are renewed at every report)",
+    )?;
     positive("upstream.connect_timeout", config.upstream.connect_timeout)?;
     positive("upstream.timeout", config.upstream.timeout)?;
     positive(

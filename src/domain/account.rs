@@ -16,7 +16,7 @@ use super::window::{Block, Window, WindowCounters};
 
 mod ledger;
 
-pub use ledger::{Exchanged, NeedGranted};
+pub use ledger::{Exchanged, NeedGranted, Successes};
 
 /// Consecutive failures that open the circuit.
 pub const FAILURE_STREAK: u32 = 3;
@@ -419,6 +419,12 @@ impl Account {
         self.epoch
     }
 
+    /// Starts the epoch at `epoch` (a rebuilt account: above every epoch of the one it replaces,
+    /// so that no lease of the old one admits again).
+    pub fn start_epoch_at(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
     /// Stops admission from every lease at once (their units come back at their reports).
     pub fn revoke_leases(&mut self) {
         self.epoch += 1;
@@ -749,6 +755,10 @@ impl Account {
         ] {
             if let (Some(i), Some(remaining), Some(reset)) = (target, remaining, reset) {
                 self.windows[i].tighten(remaining, now + reset, now);
+                if self.windows[i].remaining(now) == 0 {
+                    // The upstream has less room than is leased out: holders stop at once.
+                    self.revoke_leases();
+                }
             }
         }
         if was_open && !self.open_for_leases(now) {
@@ -756,6 +766,11 @@ impl Account {
             self.revoke_leases();
         }
         self.touch();
+    }
+
+    /// Single-request reservations in flight (leases of holders not counted).
+    pub fn reservations_in_flight(&self) -> u64 {
+        self.leases.values().filter(|l| !l.holder).count() as u64
     }
 
     /// Records usage directly (the seed's `ConsumeQuota` + `RecordRequest`), without a reservation.

@@ -216,8 +216,9 @@ pub struct Shard {
     rate: (f64, f64),
     /// Multiplies what is asked for after running dry (grows ×2, shrinks when units come back).
     boost: u32,
-    /// What the exchange in flight keeps, while one is.
-    exchanging: Option<Units>,
+    /// The exchange in flight, while one is: what it keeps, and what it reports as used (to put
+    /// back when the ledger never got it).
+    exchanging: Option<(Units, Units, Millis)>,
     /// The estimates of the last requests (for sizing before a rate is known).
     last_estimate: u64,
 }
@@ -374,6 +375,15 @@ impl Shard {
         due.len()
     }
 
+    /// Stops admitting from the lease until the next exchange (the holder saw an upstream 429,
+    /// a refused key or a failure itself, before the ledger could revoke).
+    pub fn withhold(&mut self) {
+        if let Some(lease) = self.lease.as_mut() {
+            lease.free = Units::ZERO;
+            lease.epoch = 0;
+        }
+    }
+
     /// Requests in flight.
     pub fn open_requests(&self) -> u64 {
         self.open.slots
@@ -453,8 +463,8 @@ impl Shard {
         if let Some(lease) = self.lease.as_mut() {
             lease.free = kept_free;
         }
+        self.exchanging = Some((keep, self.used, self.used_at));
         self.used = Units::ZERO;
-        self.exchanging = Some(keep);
         ShardExchange {
             report,
             want: desired.saturating_sub(kept_free),
@@ -464,12 +474,15 @@ impl Shard {
     /// Applies the ledger's answer to the exchange in flight: the lease as the ledger now holds it
     /// (`None`: the ledger holds nothing for this holder) and the epoch it was granted under. Units
     /// beyond what the holder kept become free. Without an answer (the ledger was unreachable),
-    /// pass `None` and the kept units stay as they are until the next exchange.
+    /// pass `None`: what was reported as used is reported again next time (the units given back
+    /// stay counted by the ledger until then: conservative).
     pub fn end_exchange(&mut self, answer: Option<(Option<LeaseState>, u64)>) {
-        let Some(kept) = self.exchanging.take() else {
+        let Some((kept, used, used_at)) = self.exchanging.take() else {
             return;
         };
         let Some((state, epoch)) = answer else {
+            self.used = self.used.saturating_add(used);
+            self.used_at = self.used_at.max(used_at);
             return;
         };
         match state {

@@ -217,6 +217,7 @@ fn exchange(
     let out = a.exchange(
         MODEL,
         ex.report.as_ref(),
+        None,
         need,
         ex.want,
         now,
@@ -317,6 +318,7 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
                             let out = a.exchange(
                                 MODEL,
                                 None,
+                                None,
                                 need,
                                 Units::ZERO,
                                 now,
@@ -397,6 +399,7 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
         a.exchange(
             MODEL,
             report.as_ref(),
+            None,
             Units::ZERO,
             Units::ZERO,
             now,

@@ -69,7 +69,8 @@ pub fn score(s: &Summary) -> f64 {
         / (1.0 + s.latency_ms.max(0.0) / 1000.0)
 }
 
-fn next_random(state: &mut u64) -> u64 {
+/// The next value of an xorshift64* generator kept in `state` (fast, not cryptographic).
+pub fn next_random(state: &mut u64) -> u64 {
     if *state == 0 {
         *state = 0x9E37_79B9_7F4A_7C15;
     }

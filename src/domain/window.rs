@@ -385,6 +385,14 @@ impl Window {
         }
     }
 
+    /// Counts `units` more against the upstream ceiling, if one is active (units used after the
+    /// answer that carried it, reported later).
+    pub fn charge_ceiling(&mut self, units: u64, now: Millis) {
+        if let Some(c) = self.ceiling.as_mut().filter(|c| now < c.until) {
+            c.used = c.used.saturating_add(units);
+        }
+    }
+
     /// Empties the window (an operator's reset).
     pub fn clear(&mut self, now: Millis) {
         self.committed = 0;

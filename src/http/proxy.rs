@@ -28,7 +28,7 @@ use super::error::ApiError;
 use super::openai::{Endpoint, ProxyRequest};
 use super::upstream::{rate_headers, retry_after_ms};
 use super::AppState;
-use crate::actors::{AcquireError, Lease};
+use crate::actors::{AcquireError, Reservation};
 use crate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
 use crate::domain::estimate;
 use crate::domain::Tokenizer;
@@ -382,7 +382,7 @@ fn usage_of(value: &Value) -> Option<(u64, u64)> {
 
 async fn attempt(
     request: &ProxyRequest,
-    lease: Lease,
+    lease: Reservation,
     state: &web::Data<AppState>,
     client: &awc::Client,
     record: &mut Record,
@@ -448,7 +448,7 @@ async fn attempt(
     };
     let status = response.status();
     let headers = rate_headers(response.headers());
-    let grant = lease.grant.clone();
+    let remaining = (lease.remaining_requests, lease.remaining_tokens);
     if status.is_success() && request.stream {
         let tokenizer = spec.upstream.tokenizer;
         let meter = Meter::new(
@@ -475,7 +475,7 @@ async fn attempt(
             &mut builder,
             &lease.provider.spec.name,
             &lease.account.id,
-            &grant,
+            remaining,
         );
         return Attempt::Answered(builder.streaming(stream));
     }
@@ -510,7 +510,7 @@ async fn attempt(
                 &mut builder,
                 &lease.provider.spec.name,
                 &lease.account.id,
-                &grant,
+                remaining,
             );
             Attempt::Answered(builder.body(body))
         }
@@ -560,7 +560,7 @@ async fn attempt(
                 &mut builder,
                 &lease.provider.spec.name,
                 &lease.account.id,
-                &grant,
+                remaining,
             );
             Attempt::Answered(builder.body(body))
         }
@@ -571,14 +571,14 @@ fn add_quota_headers(
     builder: &mut actix_web::HttpResponseBuilder,
     provider: &str,
     account_id: &str,
-    grant: &crate::domain::account::Grant,
+    remaining: (Option<u64>, Option<u64>),
 ) {
     builder.insert_header(("x-quota-provider", provider));
     builder.insert_header(("x-quota-account", account_id));
-    if let Some(n) = grant.remaining_requests {
+    if let Some(n) = remaining.0 {
         builder.insert_header(("x-ratelimit-remaining-requests", n.to_string()));
     }
-    if let Some(n) = grant.remaining_tokens {
+    if let Some(n) = remaining.1 {
         builder.insert_header(("x-ratelimit-remaining-tokens", n.to_string()));
     }
 }
@@ -703,7 +703,7 @@ type UpstreamBody = Pin<Box<dyn Stream<Item = Result<Bytes, awc::error::PayloadE
 /// while it runs and settled when it ends — or when it is dropped because the client left.
 struct MeteredStream {
     upstream: UpstreamBody,
-    guard: Option<crate::actors::account::ReservationGuard>,
+    guard: Option<crate::actors::ReservationGuard>,
     meter: Meter,
     idle: Pin<Box<actix_rt::time::Sleep>>,
     idle_timeout: Duration,

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use super::{units, Account, AccountEvent, Circuit, Denial, Grant, Lease};
+use super::{
+    units, Account, AccountEvent, Circuit, Denial, Feedback, Grant, Lease, RateHeaders,
+    UpstreamOutcome, EWMA_WEIGHT,
+};
 use crate::domain::lease::{fair_share, LeaseReport, LeaseState, Units};
 use crate::domain::limits::LimitKind;
 use crate::domain::time::Millis;
@@ -23,6 +26,18 @@ pub struct Exchanged {
     /// model has no such window.
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
+}
+
+/// Successful upstream answers seen by a holder since its last exchange, summed (failures are
+/// told one by one, at once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Successes {
+    pub count: u64,
+    pub latency_ms_sum: u64,
+    /// The rate-limit headers of the latest answer that had any.
+    pub headers: RateHeaders,
+    /// Units this holder used after that answer: the upstream's remainder did not count them.
+    pub used_since: Units,
 }
 
 /// How a waiting request was admitted.
@@ -219,16 +234,52 @@ impl Account {
         }
     }
 
+    /// Applies a holder's batch of successes: one latency sample at their mean, the error
+    /// average decayed as by `count` successes, and the latest headers (their ceilings also
+    /// counting what was used after them).
+    pub fn successes(&mut self, batch: &Successes, now: Millis, events: &mut Vec<AccountEvent>) {
+        if batch.count == 0 {
+            return;
+        }
+        let fb = Feedback {
+            outcome: UpstreamOutcome::Success,
+            latency_ms: batch.latency_ms_sum / batch.count,
+            headers: batch.headers,
+        };
+        self.feedback(&fb, now, events);
+        let h = batch.headers;
+        for (target, seen, used) in [
+            (
+                self.header_requests,
+                h.requests_remaining,
+                batch.used_since.requests,
+            ),
+            (
+                self.header_tokens,
+                h.tokens_remaining,
+                batch.used_since.tokens,
+            ),
+        ] {
+            if let (Some(i), Some(_)) = (target, seen) {
+                self.windows[i].charge_ceiling(used, now);
+            }
+        }
+        let more = i32::try_from(batch.count - 1).unwrap_or(i32::MAX);
+        self.error_ewma *= (1.0 - EWMA_WEIGHT).powi(more);
+    }
+
     /// One exchange with a holder of `model` units: settles its `report` (what it used is
     /// committed at the report's `used_at`, what it keeps stays held, the rest is freed), answers
     /// the `need` of a waiting request (nothing when zero), grows the lease by up to `want` within
     /// a fair share of the room, and renews it until `now + lease_ttl`. A single-request
-    /// reservation (when the room is tight) lasts until `now + reservation_ttl`.
+    /// reservation (when the room is tight) lasts until `now + reservation_ttl`. The holder's
+    /// `successes` are applied after its report and before its need.
     #[allow(clippy::too_many_arguments)]
     pub fn exchange(
         &mut self,
         model: &str,
         report: Option<&LeaseReport>,
+        successes: Option<&Successes>,
         need: Units,
         want: Units,
         now: Millis,
@@ -266,6 +317,9 @@ impl Account {
                 }
                 None => {}
             }
+        }
+        if let Some(batch) = successes {
+            self.successes(batch, now, events);
         }
         let holders = self.holder_leases() + u64::from(lease.is_none());
         let mut answer = None;
