@@ -198,17 +198,19 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
     let config = Config::load(&cli.config)?;
     crate::logging::init(&config.logging.level, config.logging.format);
-    match cli.command {
-        Command::Serve => crate::server::run(config).map_err(CliError::Failed)?,
-        Command::Migrate => migrate(&config)?,
+    let done = match cli.command {
+        Command::Serve => crate::server::run(config).map_err(CliError::Failed),
+        Command::Migrate => migrate(&config),
         Command::Doctor => unreachable!("handled before the config is loaded"),
-        Command::Provider(cmd) => provider(&config, cmd)?,
-        Command::Account(cmd) => account(&config, cmd)?,
-        Command::Key(cmd) => key(&config, cmd)?,
-        Command::AdminToken(AdminTokenCommand::Rotate) => rotate_admin_token(&config)?,
-        Command::Backup { to } => backup(&config, &to)?,
-    }
-    Ok(ExitCode::SUCCESS)
+        Command::Provider(cmd) => provider(&config, cmd),
+        Command::Account(cmd) => account(&config, cmd),
+        Command::Key(cmd) => key(&config, cmd),
+        Command::AdminToken(AdminTokenCommand::Rotate) => rotate_admin_token(&config),
+        Command::Backup { to } => backup(&config, &to),
+    };
+    // Log lines are written by a thread of their own: let it finish before the process ends.
+    crate::logging::flush(std::time::Duration::from_secs(2));
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// Opens the configured database and applies pending migrations, so every command sees the

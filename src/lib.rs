@@ -13,9 +13,11 @@
 //! - [`server`]: `quotagate serve`: start-up, first-start secrets, signals.
 //! - [`doctor`]: `quotagate doctor`: diagnoses config, database, Redis and providers.
 //! - [`cli`]: the command line.
-//! - [`logging`]: JSON-lines or text logs from the `log` crate's key-values.
+//! - [`logging`]: JSON-lines or text logs from the `log` crate's key-values, written off-thread.
+//! - [`batch`]: per-thread batching of what requests leave behind (rows, metrics).
 
 pub mod actors;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod doctor;

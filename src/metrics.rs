@@ -2,6 +2,10 @@
 //!
 //! Names follow the seed where it had them (`quota_usage_percent`, `rate_limit_hits_total`).
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batch::PerThread;
 use prometheus::{
     Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -41,6 +45,18 @@ pub struct Metrics {
     pub requests_total: IntCounterVec,
     /// Client request latency by provider and status, seconds.
     pub request_duration_seconds: HistogramVec,
+    /// Log lines dropped because the log output could not keep up.
+    pub log_lines_dropped_total: IntCounter,
+    /// Finished client requests, gathered per worker thread (see [`Metrics::request_done`]).
+    requests: PerThread<RequestSample>,
+}
+
+/// One finished client request, for `requests_total` and `request_duration_seconds`.
+#[derive(Debug)]
+struct RequestSample {
+    provider: Arc<str>,
+    status: u16,
+    seconds: f64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,6 +74,25 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "quotagate_requests_total",
+                "Client requests by provider and status",
+            ),
+            &["provider", "status"],
+        )
+        .expect("valid metric");
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "quotagate_request_duration_seconds",
+                "Client request latency by provider and status",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
+            &["provider", "status"],
+        )
+        .expect("valid metric");
         let m = Metrics {
             quota_usage_percent: GaugeVec::new(
                 Opts::new("quota_usage_percent", "Current quota usage percentage"),
@@ -132,26 +167,16 @@ impl Metrics {
             )
             .expect("valid metric"),
             tracking: TrackingMetrics::new(),
-            requests_total: IntCounterVec::new(
-                Opts::new(
-                    "quotagate_requests_total",
-                    "Client requests by provider and status",
-                ),
-                &["provider", "status"],
+            requests_total: requests_total.clone(),
+            request_duration_seconds: request_duration_seconds.clone(),
+            log_lines_dropped_total: IntCounter::new(
+                "quotagate_log_lines_dropped_total",
+                "Log lines dropped because the log output could not keep up",
             )
             .expect("valid metric"),
-            request_duration_seconds: HistogramVec::new(
-                HistogramOpts::new(
-                    "quotagate_request_duration_seconds",
-                    "Client request latency by provider and status",
-                )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    120.0,
-                ]),
-                &["provider", "status"],
-            )
-            .expect("valid metric"),
+            requests: PerThread::new(REQUESTS_BATCH, REQUESTS_EVERY, move |samples| {
+                record_requests(&requests_total, &request_duration_seconds, samples)
+            }),
             registry,
         };
         for collector in [
@@ -169,6 +194,7 @@ impl Metrics {
             Box::new(m.sync_up.clone()),
             Box::new(m.requests_total.clone()),
             Box::new(m.request_duration_seconds.clone()),
+            Box::new(m.log_lines_dropped_total.clone()),
         ] {
             m.registry
                 .register(collector)
@@ -189,11 +215,50 @@ impl Metrics {
         }
     }
 
+    /// Counts a finished client request (`provider` is `-` when refused before one was
+    /// chosen), with the thread's batch.
+    pub fn request_done(&self, provider: &Arc<str>, status: u16, latency: Duration) {
+        self.requests.push(RequestSample {
+            provider: provider.clone(),
+            status,
+            seconds: latency.as_secs_f64(),
+        });
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.requests.flush_thread();
+        let dropped = crate::logging::dropped_lines();
+        let counted = self.log_lines_dropped_total.get();
+        if dropped > counted {
+            self.log_lines_dropped_total.inc_by(dropped - counted);
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Requests a worker thread counts before adding them to the shared metrics, and how long at most.
+const REQUESTS_BATCH: usize = 512;
+const REQUESTS_EVERY: Duration = Duration::from_millis(100);
+
+/// Adds one thread's batch of requests: one label lookup per provider and status, the latencies
+/// observed locally and added at once.
+fn record_requests(
+    total: &IntCounterVec,
+    duration: &HistogramVec,
+    mut samples: Vec<RequestSample>,
+) {
+    samples.sort_by(|a, b| (&*a.provider, a.status).cmp(&(&*b.provider, b.status)));
+    for group in samples.chunk_by(|a, b| a.provider == b.provider && a.status == b.status) {
+        let labels = [&*group[0].provider, &*group[0].status.to_string()];
+        total.with_label_values(&labels).inc_by(group.len() as u64);
+        let histogram = duration.with_label_values(&labels).local();
+        for sample in group {
+            histogram.observe(sample.seconds);
+        }
+        histogram.flush();
     }
 }
 

@@ -138,6 +138,7 @@ async fn serve(config: Config) -> Result<(), String> {
         actix_web::rt::spawn(async {
             wait_for_signal().await;
             log::warn!(event = "shutdown"; "second signal: exiting now");
+            crate::logging::flush(Duration::from_millis(200));
             std::process::exit(130);
         });
         handle.stop(true).await;

@@ -1004,7 +1004,14 @@ async fn rows_beyond_the_buffer_are_dropped_and_counted_never_waited_for() {
         "track waited: {in_track:?}"
     );
     let m = &metrics.tracking;
-    assert_eq!(m.tracker_dropped_total.get(), 50);
+    // Rows reach the tracker in batches per thread (within 50 ms): then the excess is dropped.
+    assert!(
+        eventually(Duration::from_secs(2), || m.tracker_dropped_total.get()
+            == 50)
+        .await,
+        "dropped {}",
+        m.tracker_dropped_total.get()
+    );
     assert_eq!(m.tracker_queue_depth.get(), 100);
     assert_eq!(count(&store), 0);
 

@@ -1,8 +1,9 @@
 //! `Tracker`: the batched writer of request logs (the seed's `TrackRequest`) and of account audit
 //! rows. It owns the rows received and not yet written, at most `tracking.buffer` of them.
 //!
-//! Nothing that tracks ever waits: [`TrackerHandle::track`] and [`TrackerHandle::audit`] use
-//! `try_send` into a bounded mailbox, and the actor only queues the row. Rows go to the database
+//! Nothing that tracks ever waits: [`TrackerHandle::track`] gathers rows per HTTP worker thread
+//! and hands them over in batches ([`crate::batch`]), [`TrackerHandle::audit`] sends each row; both
+//! use `try_send` into a bounded mailbox, and the actor only queues the rows. Rows go to the database
 //! in batches of up to `tracking.batch_size` (as soon as a batch is full, else every
 //! `tracking.flush_interval`), one write at a time, on tokio's blocking threads; each batch is
 //! one transaction that also adds its sums to the daily rollups (`store::stats::record_batch`).
@@ -26,6 +27,7 @@ use diesel::result::Error as DieselError;
 use tokio::sync::oneshot;
 
 use super::events::{Event, EventSink};
+use crate::batch::PerThread;
 use crate::config::TrackingConfig;
 use crate::domain::account::AccountEvent;
 use crate::domain::time::to_datetime;
@@ -41,15 +43,20 @@ const MAX_MAILBOX: usize = 16_384;
 /// First wait before retrying a failed write; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Request-log rows a worker thread gathers before handing them over, and how long at most.
+const ROWS_BATCH: usize = 256;
+const ROWS_EVERY: Duration = Duration::from_millis(50);
+/// How long a flush waits for the rows other threads still gather.
+const ROWS_WAIT: Duration = Duration::from_secs(2);
 
 // ------------------------------------------------------------------------------------------------
 // Messages
 // ------------------------------------------------------------------------------------------------
 
-/// Queues one request log row.
+/// Queues the rows one worker thread gathered.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct Track(pub NewRequestLog);
+pub struct TrackBatch(pub Vec<NewRequestLog>);
 
 /// Queues one audit row (written with the same batches).
 #[derive(Message, Debug)]
@@ -72,6 +79,8 @@ pub struct TrackerHandle {
     addr: Addr<Tracker>,
     drops: Arc<Drops>,
     metrics: TrackingMetrics,
+    /// Request-log rows gathered per worker thread.
+    rows: PerThread<NewRequestLog>,
 }
 
 impl std::fmt::Debug for TrackerHandle {
@@ -81,11 +90,9 @@ impl std::fmt::Debug for TrackerHandle {
 }
 
 impl TrackerHandle {
-    /// Queues a request log row; a full mailbox drops it (counted).
+    /// Queues a request log row (with its thread's batch); a full mailbox drops it (counted).
     pub fn track(&self, row: NewRequestLog) {
-        if self.addr.try_send(Track(row)).is_err() {
-            self.drops.record(&self.metrics);
-        }
+        self.rows.push(row);
     }
 
     /// Queues an audit row; a full mailbox drops it (counted).
@@ -98,6 +105,8 @@ impl TrackerHandle {
     /// Resolves when everything received so far is written (see [`Flush`]); an error only when
     /// the tracker has stopped.
     pub async fn flush(&self) -> Result<(), MailboxError> {
+        // Rows other worker threads still gather reach the tracker within a batch interval.
+        self.rows.drain(ROWS_WAIT).await;
         self.addr.send(Flush).await
     }
 }
@@ -256,10 +265,22 @@ impl Tracker {
             ctx.set_mailbox_capacity(buffer.min(MAX_MAILBOX));
             tracker
         });
+        let rows = {
+            let (addr, drops, metrics) = (addr.clone(), drops.clone(), metrics.clone());
+            PerThread::new(ROWS_BATCH, ROWS_EVERY, move |rows: Vec<NewRequestLog>| {
+                let count = rows.len();
+                if addr.try_send(TrackBatch(rows)).is_err() {
+                    for _ in 0..count {
+                        drops.record(&metrics);
+                    }
+                }
+            })
+        };
         TrackerHandle {
             addr,
             drops,
             metrics,
+            rows,
         }
     }
 
@@ -414,11 +435,13 @@ impl Actor for Tracker {
     }
 }
 
-impl Handler<Track> for Tracker {
+impl Handler<TrackBatch> for Tracker {
     type Result = ();
 
-    fn handle(&mut self, msg: Track, ctx: &mut Context<Self>) {
-        self.receive(Row::Log(msg.0), ctx);
+    fn handle(&mut self, msg: TrackBatch, ctx: &mut Context<Self>) {
+        for row in msg.0 {
+            self.receive(Row::Log(row), ctx);
+        }
     }
 }
 

@@ -22,14 +22,12 @@ pub fn count(tokenizer: Tokenizer, text: &str) -> u64 {
     }
 }
 
-/// The prompt of a chat request: every text part plus the per-message overhead.
-pub fn chat_prompt<'a>(
-    tokenizer: Tokenizer,
-    messages: usize,
-    texts: impl IntoIterator<Item = &'a str>,
-) -> u64 {
-    let content: u64 = texts.into_iter().map(|t| count(tokenizer, t)).sum();
-    content + MESSAGE_OVERHEAD * messages as u64 + REPLY_PRIMING
+/// The prompt of a chat request: its `content` tokens (every text part, counted with
+/// [`count`]) plus the per-message overhead.
+pub fn chat_prompt(messages: usize, content: u64) -> u64 {
+    content
+        .saturating_add(MESSAGE_OVERHEAD.saturating_mul(messages as u64))
+        .saturating_add(REPLY_PRIMING)
 }
 
 /// What a request reserves: its prompt plus `choices` × the completion bound.
@@ -62,7 +60,8 @@ mod tests {
 
     #[test]
     fn a_chat_estimate_adds_overheads_and_every_choice() {
-        let prompt = chat_prompt(Tokenizer::Bytes, 2, ["abcd", "ef"]);
+        let content = count(Tokenizer::Bytes, "abcd") + count(Tokenizer::Bytes, "ef");
+        let prompt = chat_prompt(2, content);
         assert_eq!(prompt, 6 + 2 * MESSAGE_OVERHEAD + REPLY_PRIMING);
         assert_eq!(reservation(prompt, 2, 100), prompt + 200);
         assert_eq!(

@@ -21,7 +21,7 @@ use actix_web::http::StatusCode;
 use actix_web::{get, post, web, HttpMessage as _, HttpRequest, HttpResponse, ResponseError as _};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::auth::{Caller, ClientKey};
 use super::error::ApiError;
@@ -150,15 +150,10 @@ impl Record {
         let latency = self.started.elapsed();
         let provider = self.provider.as_deref().unwrap_or("-");
         let metrics = self.state.runtime.events().metrics();
-        let status_label = status.to_string();
-        metrics
-            .requests_total
-            .with_label_values(&[provider, &status_label])
-            .inc();
-        metrics
-            .request_duration_seconds
-            .with_label_values(&[provider, &status_label])
-            .observe(latency.as_secs_f64());
+        match &self.provider {
+            Some(p) => metrics.request_done(p, status, latency),
+            None => metrics.request_done(&Arc::from("-"), status, latency),
+        }
         log::info!(
             request_id = self.request_id.as_str(),
             user = &*self.caller.user,
@@ -262,7 +257,7 @@ async fn forward(
     record: &mut Record,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload).await?;
-    let request = ProxyRequest::parse(endpoint, &body)?;
+    let request = ProxyRequest::parse(endpoint, body.freeze())?;
     record.model = request.model.clone();
     let settings = state.upstream;
     let mut tried: Vec<Arc<str>> = Vec::new();
@@ -374,10 +369,25 @@ impl UsageFields {
     }
 }
 
-/// The usage in a parsed stream chunk.
-fn usage_of(value: &Value) -> Option<(u64, u64)> {
-    use serde::Deserialize as _;
-    UsageFields::deserialize(value.get("usage")?).ok()?.split()
+/// What the meter reads of one stream event: the usage, and the generated text (for when the
+/// upstream reports no usage). Everything else is skipped by the scanner, never built.
+#[derive(serde::Deserialize)]
+struct StreamEvent<'a> {
+    usage: Option<UsageFields>,
+    #[serde(borrow)]
+    choices: Option<Vec<StreamChoice<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(borrow)]
+    delta: Option<StreamDelta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamDelta<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
 }
 
 async fn attempt(
@@ -635,36 +645,28 @@ impl Meter {
 
     /// Reads one event; returns whether it goes to the client.
     fn inspect(&mut self, event: &[u8]) -> bool {
-        let text = String::from_utf8_lossy(event);
         let mut forward = true;
-        for line in text.lines() {
-            let Some(data) = line.strip_prefix("data:") else {
+        for line in event.split(|&b| b == b'\n') {
+            let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
             };
-            let data = data.trim();
-            if data == "[DONE]" {
+            let data = data.trim_ascii();
+            if data == b"[DONE]" {
                 continue;
             }
-            let Ok(value) = serde_json::from_str::<Value>(data) else {
+            let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(data) else {
                 continue;
             };
-            if let Some(usage) = usage_of(&value) {
+            let no_choices = event.choices.as_ref().is_none_or(|c| c.is_empty());
+            if let Some(usage) = event.usage.and_then(UsageFields::split) {
                 self.usage = Some(usage);
-                let no_choices = value
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .is_none_or(|c| c.is_empty());
                 if no_choices && !self.keep_usage_chunk {
                     forward = false;
                 }
             }
-            if let Some(choices) = value.get("choices").and_then(Value::as_array) {
-                for choice in choices {
-                    if let Some(Value::String(content)) =
-                        choice.get("delta").and_then(|d| d.get("content"))
-                    {
-                        self.generated += estimate::count(self.tokenizer, content);
-                    }
+            for choice in event.choices.iter().flatten() {
+                if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
+                    self.generated += estimate::count(self.tokenizer, content);
                 }
             }
         }

@@ -14,7 +14,6 @@
 //! for every key ([`Behavior`], usage numbers, extra headers, latency, stream pacing), and what
 //! it received is counted per key ([`KeyStats`]). [`StrictLimits`] make it enforce per-key
 //! sliding-window limits by its own clock, answering 429 to any excess and counting those 429s.
-//! [`MockUpstream::start_fast`] answers every request with one canned completion (benchmarks).
 //!
 //! Default usage (so that the gateway's default estimate, `chars:3` + 4 per message + 3 +
 //! the completion bound, is always an upper bound): `prompt_tokens` = content bytes / 4 rounded
@@ -93,7 +92,7 @@ pub struct KeyStats {
     pub rejected_by: BTreeMap<String, u64>,
     /// Highest number of this key's requests in flight at once.
     pub max_concurrency: u64,
-    /// The JSON bodies received, in order (not kept in fast mode).
+    /// The JSON bodies received, in order.
     pub bodies: Vec<Value>,
 }
 
@@ -188,7 +187,6 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    fast: bool,
 }
 
 impl Shared {
@@ -209,22 +207,7 @@ pub struct MockUpstream {
 impl MockUpstream {
     /// A mock answering every request normally.
     pub fn start() -> MockUpstream {
-        MockUpstream::spawn(false, None)
-    }
-
-    /// The benchmark mode: every POST gets one canned chat completion (fixed usage), nothing is
-    /// parsed beyond the head and nothing is recorded.
-    pub fn start_fast() -> MockUpstream {
-        MockUpstream::spawn(true, None)
-    }
-
-    /// Like [`MockUpstream::start_fast`] on a given address (`127.0.0.1:0` for any port).
-    pub fn start_fast_on(addr: &str) -> MockUpstream {
-        MockUpstream::spawn(true, Some(addr))
-    }
-
-    fn spawn(fast: bool, addr: Option<&str>) -> MockUpstream {
-        let listener = StdListener::bind(addr.unwrap_or("127.0.0.1:0")).expect("mock: bind");
+        let listener = StdListener::bind("127.0.0.1:0").expect("mock: bind");
         listener.set_nonblocking(true).expect("mock: nonblocking");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -235,7 +218,6 @@ impl MockUpstream {
                 }),
                 ..State::default()
             }),
-            fast,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let for_thread = shared.clone();
@@ -367,7 +349,7 @@ impl MockUpstream {
         total
     }
 
-    /// Every request received, in arrival order (not kept in fast mode).
+    /// Every request received, in arrival order.
     pub fn received(&self) -> Vec<Received> {
         self.shared.lock().received.clone()
     }
@@ -437,11 +419,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         actix_rt::spawn(async move {
-            if shared.fast {
-                let _ = serve_fast(stream).await;
-            } else {
-                let _ = serve_connection(stream, shared).await;
-            }
+            let _ = serve_connection(stream, shared).await;
         });
     }
 }
@@ -585,23 +563,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The benchmark's connection loop: one canned answer per request.
-async fn serve_fast(mut stream: TcpStream) -> std::io::Result<()> {
-    const BODY: &str = r#"{"id":"chatcmpl-fast","object":"chat.completion","created":1700000000,"model":"mock-model","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":2,"total_tokens":10}}"#;
-    let answer = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
-    let mut buf = Vec::with_capacity(4096);
-    while let Some(request) = read_request(&mut stream, &mut buf).await? {
-        stream.write_all(answer.as_bytes()).await?;
-        if !request.keep_alive {
-            break;
-        }
-    }
-    Ok(())
-}
-
 async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     while let Some(request) = read_request(&mut stream, &mut buf).await? {
@@ -716,17 +677,15 @@ fn decide(shared: &Shared, request: &Request, body: Option<&Value>) -> Decision 
         delay: Duration::ZERO,
     });
 
-    if !shared.fast {
-        s.received.push(Received {
-            id,
-            key: key.clone(),
-            method: request.method.clone(),
-            path: request.path.clone(),
-            at: now,
-            status: None,
-            latency: None,
-        });
-    }
+    s.received.push(Received {
+        id,
+        key: key.clone(),
+        method: request.method.clone(),
+        path: request.path.clone(),
+        at: now,
+        status: None,
+        latency: None,
+    });
     let in_flight = s.in_flight.get(&key).copied().unwrap_or(0);
     let stats = s.stats.entry(key.clone()).or_default();
     stats.requests += 1;
