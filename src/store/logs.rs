@@ -42,8 +42,6 @@ pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), Sto
 /// takes the rows as one binary `COPY` (several times faster than an `INSERT` with thousands of
 /// parameters); SQLite as multi-row `INSERT`s under its bind limit.
 pub(super) fn insert_rows(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
-    // 16 columns per row; SQLite allows 32766 bound values.
-    const ROWS_PER_STATEMENT: usize = 1000;
     match conn {
         DbConn::Postgres(c) => {
             diesel::copy_from(request_logs::table)
@@ -51,9 +49,11 @@ pub(super) fn insert_rows(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(
                 .execute(c)?;
         }
         DbConn::Sqlite(c) => {
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            // One prepared statement (cached by the connection) run per row: a multi-row
+            // INSERT is a new statement of thousands of parameters to build and parse per batch.
+            for row in rows {
                 diesel::insert_into(request_logs::table)
-                    .values(chunk)
+                    .values(row)
                     .execute(c)?;
             }
         }
