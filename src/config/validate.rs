@@ -38,6 +38,7 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
     positive("sync.redis_interval", config.sync.redis_interval)?;
     positive("sync.database_interval", config.sync.database_interval)?;
     positive("sync.reservation_timeout", config.sync.reservation_timeout)?;
+    positive("security.session_ttl", config.security.session_ttl)?;
     positive("upstream.connect_timeout", config.upstream.connect_timeout)?;
     positive("upstream.timeout", config.upstream.timeout)?;
     positive(

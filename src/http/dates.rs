@@ -146,7 +146,7 @@ mod tests {
             let err = range(from, to).unwrap_err();
             assert_eq!(param_of(&err), Some(param), "{from:?} {to:?}: {err}");
         }
-        let err = range(Some("2024-02-01"), Some("2024-01-31")).unwrap_err();
+        let err = range(Some("2024-02-02"), Some("2024-01-31")).unwrap_err();
         assert_eq!(param_of(&err), Some("from"));
     }
 }
