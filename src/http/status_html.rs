@@ -61,7 +61,7 @@ fn head(title: &str, assets: &AssetLinks, script: bool) -> String {
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <meta name=\"color-scheme\" content=\"light dark\">\n\
-         <meta name=\"referrer\" content=\"no-referrer\">\n\
+         <meta name=\"referrer\" content=\"same-origin\">\n\
          <title>{}</title>\n<link rel=\"icon\" href=\"data:,\">\n\
          <link rel=\"stylesheet\" href=\"{}\">\n{script}</head>\n",
         esc(title),
@@ -356,13 +356,13 @@ fn window(html: &mut String, w: &WindowFigures, now: DateTime<Utc>) {
         esc(&w.limit_type),
         esc(&w.limit_type)
     );
-    bar(html, w.usage_percent);
     let _ = write!(
         html,
         "<span class=\"num\">{} / {}</span>",
         thousands(w.current),
         thousands(w.limit)
     );
+    bar(html, w.usage_percent);
     if w.retry_after > 0.0 {
         let _ = write!(html, "<small>full, frees in {:.1} s</small>", w.retry_after);
     }

@@ -86,7 +86,9 @@ fn html(status: StatusCode) -> HttpResponseBuilder {
         .insert_header((header::CONTENT_SECURITY_POLICY, CSP))
         .insert_header((header::X_FRAME_OPTIONS, "DENY"))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .insert_header((header::REFERRER_POLICY, "no-referrer"));
+        // `same-origin`, not `no-referrer`: with no referrer, Chromium sends `Origin: null` on
+        // the login form's post, and the origin check would refuse it.
+        .insert_header((header::REFERRER_POLICY, "same-origin"));
     b
 }
 
