@@ -45,10 +45,28 @@ fn recent_activity_is_read_by_minute_account_and_last_error(store: Store) {
         &mut conn,
         &[
             row(now - Duration::seconds(30), "a1", 200, None, 10),
-            row(now - Duration::seconds(90), "a1", 502, Some("upstream_error"), 0),
-            row(now - Duration::minutes(20) - Duration::seconds(5), "a2", 200, None, 100),
+            row(
+                now - Duration::seconds(90),
+                "a1",
+                502,
+                Some("upstream_error"),
+                0,
+            ),
+            row(
+                now - Duration::minutes(20) - Duration::seconds(5),
+                "a2",
+                200,
+                None,
+                100,
+            ),
             row(now - Duration::hours(2), "a1", 504, Some("timeout"), 0),
-            row(now - Duration::seconds(10), "a2", 499, Some("client_closed"), 0),
+            row(
+                now - Duration::seconds(10),
+                "a2",
+                499,
+                Some("client_closed"),
+                0,
+            ),
         ],
     )
     .unwrap();
@@ -71,9 +89,20 @@ fn recent_activity_is_read_by_minute_account_and_last_error(store: Store) {
     let mut used = got.account_use.clone();
     used.sort_by(|a, b| a.account_id.cmp(&b.account_id));
     assert_eq!(used.len(), 2, "{used:?}");
-    assert_eq!((used[0].account_id.as_str(), used[0].requests, used[0].tokens), ("a1", 2, 15));
     assert_eq!(
-        (used[1].account_id.as_str(), used[1].requests, used[1].tokens),
+        (
+            used[0].account_id.as_str(),
+            used[0].requests,
+            used[0].tokens
+        ),
+        ("a1", 2, 15)
+    );
+    assert_eq!(
+        (
+            used[1].account_id.as_str(),
+            used[1].requests,
+            used[1].tokens
+        ),
         ("a2", 1, 0),
         "the 20-minute-old row is outside the rate span"
     );

@@ -16,7 +16,10 @@ use common::status::{StatusFixture, PROVIDER};
 use common::{eventually, Behavior};
 use serde_json::{json, Value};
 
-const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/grafana/quotagate.json");
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/contrib/grafana/quotagate.json"
+);
 const ALERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prometheus/alerts.yml");
 
 /// The metric names a PromQL expression reads: identifiers that are not functions, aggregation
@@ -26,10 +29,29 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
     const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset", "inf", "nan"];
     // Aggregation operators may put `by (…)` before their `(`.
     const AGGREGATIONS: &[&str] = &[
-        "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
-        "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
     ];
-    const LABEL_LISTS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    const LABEL_LISTS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
     let chars: Vec<char> = expr.chars().collect();
     let mut out = BTreeSet::new();
     let mut i = 0;
@@ -64,7 +86,9 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
                     i += 1;
                 }
             }
-            c if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) => {
+            c if c.is_ascii_digit()
+                || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) =>
+            {
                 while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
                     i += 1;
                 }
@@ -99,14 +123,19 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
 fn the_promql_reader_finds_metrics_and_nothing_else() {
     let names = |e: &str| promql_metrics(e).into_iter().collect::<Vec<_>>();
     assert_eq!(
-        names(r#"sum by (provider, status) (rate(quotagate_requests_total{status=~"5..", x="a b"}[$__rate_interval]))"#),
+        names(
+            r#"sum by (provider, status) (rate(quotagate_requests_total{status=~"5..", x="a b"}[$__rate_interval]))"#
+        ),
         ["quotagate_requests_total"]
     );
     assert_eq!(
         names("histogram_quantile(0.95, sum by (le) (rate(x_bucket[5m]))) > 1e3 and on (a, b) group_left (c) info_metric offset 5m"),
         ["info_metric", "x_bucket"]
     );
-    assert_eq!(names("quota_usage_percent >= 80 < 95"), ["quota_usage_percent"]);
+    assert_eq!(
+        names("quota_usage_percent >= 80 < 95"),
+        ["quota_usage_percent"]
+    );
 }
 
 /// Every metric name `/metrics` exports (histograms as their `_bucket`, `_sum`, `_count`).
@@ -136,8 +165,11 @@ async fn busy_gateway() -> (StatusFixture, BTreeSet<String>) {
     f.mock.set_usage(None, 900, 100);
     f.chat(3).await;
     // An upstream 429 (a cooldown event; retried on another account).
-    f.mock
-        .behave_times("sk-status-busy-0123456789", Behavior::RateLimited { retry_after: 5 }, 1);
+    f.mock.behave_times(
+        "sk-status-busy-0123456789",
+        Behavior::RateLimited { retry_after: 5 },
+        1,
+    );
     f.chat(3).await;
     // A limit the gateway enforces: one request a minute per account, so the next ones are held;
     // and a quota for every account, so the pool as a whole has a forecast.
@@ -210,7 +242,10 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exported() {
     assert_eq!(dashboard["title"], "quotagate");
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
-        assert!(panel["title"].is_string() && panel["gridPos"].is_object(), "{panel}");
+        assert!(
+            panel["title"].is_string() && panel["gridPos"].is_object(),
+            "{panel}"
+        );
         dashboard_queries(panel, &mut queries);
     }
     let mut used = BTreeSet::new();
@@ -218,7 +253,10 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exported() {
         let names = promql_metrics(expr);
         assert!(!names.is_empty(), "no metric in `{expr}`");
         for name in names {
-            assert!(exported.contains(&name), "the dashboard queries `{name}`, which /metrics does not export ({expr})");
+            assert!(
+                exported.contains(&name),
+                "the dashboard queries `{name}`, which /metrics does not export ({expr})"
+            );
             used.insert(name);
         }
     }
@@ -246,12 +284,21 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exported() {
             let name = rule["alert"].as_str().expect("every rule is an alert");
             let expr = rule["expr"].as_str().expect("an expression");
             let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
-            assert!(["warning", "critical"].contains(&severity), "{name}: severity {severity:?}");
-            assert!(rule["annotations"]["summary"].is_string(), "{name}: a summary");
+            assert!(
+                ["warning", "critical"].contains(&severity),
+                "{name}: severity {severity:?}"
+            );
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "{name}: a summary"
+            );
             let names = promql_metrics(expr);
             assert!(!names.is_empty(), "{name}: no metric");
             for metric in names {
-                assert!(exported.contains(&metric), "{name} uses `{metric}`, which /metrics does not export");
+                assert!(
+                    exported.contains(&metric),
+                    "{name} uses `{metric}`, which /metrics does not export"
+                );
             }
             alerts.insert(name.to_string());
         }
@@ -284,7 +331,17 @@ fn promtool(args: &[&str]) -> std::process::Output {
 #[ignore = "needs promtool: run scripts/test"]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     let check = promtool(&["check", "rules", "alerts.yml"]);
-    assert!(check.status.success(), "{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
     let test = promtool(&["test", "rules", "alerts_test.yml"]);
-    assert!(test.status.success(), "{}{}", String::from_utf8_lossy(&test.stdout), String::from_utf8_lossy(&test.stderr));
+    assert!(
+        test.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
 }

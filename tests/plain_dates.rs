@@ -44,7 +44,9 @@ async fn the_seeds_usage_url_with_plain_dates_counts_whole_utc_days() {
     let DatabaseBackend::Sqlite(_) = config.database_backend() else {
         panic!("the fixture runs on SQLite");
     };
-    let store = Store::open_and_migrate(&config.database_backend(), 2).unwrap().0;
+    let store = Store::open_and_migrate(&config.database_backend(), 2)
+        .unwrap()
+        .0;
     let pid = f.provider_id.clone();
     stats::record_batch(
         &mut store.conn().unwrap(),
@@ -70,7 +72,10 @@ async fn the_seeds_usage_url_with_plain_dates_counts_whole_utc_days() {
     assert_eq!(usage["period"]["to"], "2024-02-01T00:00:00Z");
 
     // One day, both ends the same date.
-    let day = f.admin_get("/api/v1/stats/usage?from=2024-01-31&to=2024-01-31").await.json();
+    let day = f
+        .admin_get("/api/v1/stats/usage?from=2024-01-31&to=2024-01-31")
+        .await
+        .json();
     assert_eq!(day["total_requests"], 1, "{day}");
 
     // Mixed with RFC 3339, and on the other routes that take a range.
@@ -80,12 +85,16 @@ async fn the_seeds_usage_url_with_plain_dates_counts_whole_utc_days() {
         .json();
     assert_eq!(mixed["total_requests"], 2, "{mixed}");
     let provider = f
-        .admin_get(&format!("/api/v1/stats/providers/{PROVIDER}?from=2024-01-01&to=2024-01-31"))
+        .admin_get(&format!(
+            "/api/v1/stats/providers/{PROVIDER}?from=2024-01-01&to=2024-01-31"
+        ))
         .await;
     assert_eq!(provider.status, 200, "{provider}");
     assert_eq!(provider.json()["total_requests"], 3, "{provider}");
     let errors = f
-        .admin_get(&format!("/api/v1/stats/errors/{PROVIDER}?from=2024-01-01&to=2024-01-31"))
+        .admin_get(&format!(
+            "/api/v1/stats/errors/{PROVIDER}?from=2024-01-01&to=2024-01-31"
+        ))
         .await
         .json();
     assert_eq!(errors["total_errors"], 1, "{errors}");
@@ -107,7 +116,9 @@ async fn the_seeds_usage_url_with_plain_dates_counts_whole_utc_days() {
     assert_eq!(own.status, 200, "{own}");
 
     // A date that is no date is still a 400 naming its parameter.
-    let bad = f.admin_get("/api/v1/stats/usage?from=2024-01-01&to=2024-13-01").await;
+    let bad = f
+        .admin_get("/api/v1/stats/usage?from=2024-01-01&to=2024-13-01")
+        .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["error"]["param"], "to", "{bad}");
 }

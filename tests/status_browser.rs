@@ -24,7 +24,11 @@ use common::{Behavior, MOCK_MODEL};
 
 fn playwright() -> PathBuf {
     let dir = std::env::var("QUOTAGATE_TEST_PLAYWRIGHT").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-test/node_modules/playwright-core").into()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/browser-test/node_modules/playwright-core"
+        )
+        .into()
     });
     let dir = PathBuf::from(dir);
     assert!(
@@ -43,7 +47,10 @@ fn is_png(path: &Path) -> bool {
 #[ignore = "needs chromium and playwright-core: run scripts/test"]
 async fn the_status_page_works_in_a_real_browser() {
     let chromium = std::env::var("QUOTAGATE_TEST_CHROMIUM").unwrap_or("/usr/bin/chromium".into());
-    assert!(Path::new(&chromium).exists(), "no Chromium at {chromium} (scripts/test installs it)");
+    assert!(
+        Path::new(&chromium).exists(),
+        "no Chromium at {chromium} (scripts/test installs it)"
+    );
     let playwright = playwright();
     let f = StatusFixture::start("").await;
 
@@ -51,8 +58,11 @@ async fn the_status_page_works_in_a_real_browser() {
     // on another account), so the page has something to show.
     f.mock.set_usage(None, 1200, 300);
     f.chat(6).await;
-    f.mock
-        .behave_times("sk-status-idle-0123456789", Behavior::RateLimited { retry_after: 600 }, 1);
+    f.mock.behave_times(
+        "sk-status-idle-0123456789",
+        Behavior::RateLimited { retry_after: 600 },
+        1,
+    );
     f.chat(3).await;
     f.wait_for_logged(9).await;
 
@@ -60,15 +70,18 @@ async fn the_status_page_works_in_a_real_browser() {
     let _ = std::fs::remove_dir_all(&shots);
     let readme_shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");
     let mut node = Command::new("node");
-    node.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/status_page.cjs"))
-        .env("QG_PLAYWRIGHT", &playwright)
-        .env("QG_CHROMIUM", &chromium)
-        .env("QG_URL", f.gw.url())
-        .env("QG_ADMIN", f.gw.admin_token())
-        .env("QG_CLIENT", f.gw.client_key())
-        .env("QG_MODEL", format!("{PROVIDER}/{MOCK_MODEL}"))
-        .env("QG_PROVIDER", PROVIDER)
-        .env("QG_SHOTS", &shots);
+    node.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/browser/status_page.cjs"
+    ))
+    .env("QG_PLAYWRIGHT", &playwright)
+    .env("QG_CHROMIUM", &chromium)
+    .env("QG_URL", f.gw.url())
+    .env("QG_ADMIN", f.gw.admin_token())
+    .env("QG_CLIENT", f.gw.client_key())
+    .env("QG_MODEL", format!("{PROVIDER}/{MOCK_MODEL}"))
+    .env("QG_PROVIDER", PROVIDER)
+    .env("QG_SHOTS", &shots);
     if std::env::var("QUOTAGATE_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
         node.env("QG_README_SHOT", &readme_shot);
     }
@@ -87,16 +100,31 @@ async fn the_status_page_works_in_a_real_browser() {
         output.status
     );
     assert!(started.elapsed() < Duration::from_secs(120));
-    for shot in ["status-login.png", "status-page.png", "status-page-dark.png", "status-page-phone.png"] {
-        assert!(is_png(&shots.join(shot)), "{shot} was not saved under {}", shots.display());
+    for shot in [
+        "status-login.png",
+        "status-page.png",
+        "status-page-dark.png",
+        "status-page-phone.png",
+    ] {
+        assert!(
+            is_png(&shots.join(shot)),
+            "{shot} was not saved under {}",
+            shots.display()
+        );
     }
-    assert!(is_png(&readme_shot), "the README's screenshot docs/status-page.png is missing");
+    assert!(
+        is_png(&readme_shot),
+        "the README's screenshot docs/status-page.png is missing"
+    );
     let result = stdout
         .lines()
         .find_map(|l| l.strip_prefix("RESULT "))
         .expect("the driver's RESULT line");
     let result: serde_json::Value = serde_json::from_str(result).unwrap();
     println!("page weight: {result}");
-    assert_eq!(result["first_load"]["requests"], 3, "HTML, CSS and script: {result}");
+    assert_eq!(
+        result["first_load"]["requests"], 3,
+        "HTML, CSS and script: {result}"
+    );
     assert_eq!(result["live_update"]["requests"], 1, "{result}");
 }

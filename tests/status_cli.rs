@@ -26,20 +26,25 @@ async fn the_status_command_shows_every_account_and_its_state_from_a_running_gat
     let f = StatusFixture::start("").await;
     f.chat(3).await;
     // `idle` cools down after an upstream 429 (the request is retried elsewhere).
-    f.mock
-        .behave_times("sk-status-idle-0123456789", Behavior::RateLimited { retry_after: 300 }, 1);
+    f.mock.behave_times(
+        "sk-status-idle-0123456789",
+        Behavior::RateLimited { retry_after: 300 },
+        1,
+    );
     f.chat(3).await;
 
-    let out = f
-        .gw
-        .command(&["status", "--url", &f.gw.url()])
-        .env("QUOTAGATE_ADMIN_TOKEN", f.gw.admin_token())
-        .output()
-        .unwrap();
+    let out =
+        f.gw.command(&["status", "--url", &f.gw.url()])
+            .env("QUOTAGATE_ADMIN_TOKEN", f.gw.admin_token())
+            .output()
+            .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = stdout(&out);
     assert!(text.contains(&format!("from {}", f.gw.url())), "{text}");
-    assert!(text.contains(&format!("{PROVIDER}  round_robin  available 2/3")), "{text}");
+    assert!(
+        text.contains(&format!("{PROVIDER}  round_robin  available 2/3")),
+        "{text}"
+    );
     let stats = f.pool_stats().await;
     for member in stats["accounts_status"].as_array().unwrap() {
         let name = member["account"].as_str().unwrap();
@@ -58,17 +63,19 @@ async fn the_status_command_shows_every_account_and_its_state_from_a_running_gat
             format!("{}/100,000", thousands(used))
         };
         assert!(row.contains(&quota), "{row} should show {quota}");
-        assert!(row.contains("rpm ") && row.contains("tpd "), "windows: {row}");
+        assert!(
+            row.contains("rpm ") && row.contains("tpd "),
+            "windows: {row}"
+        );
     }
     assert!(!text.contains("sk-status-"), "no keys");
 
     // JSON, as the API answers it.
-    let out = f
-        .gw
-        .command(&["status", "--json", "--url", &f.gw.url()])
-        .env("QUOTAGATE_ADMIN_TOKEN", f.gw.admin_token())
-        .output()
-        .unwrap();
+    let out =
+        f.gw.command(&["status", "--json", "--url", &f.gw.url()])
+            .env("QUOTAGATE_ADMIN_TOKEN", f.gw.admin_token())
+            .output()
+            .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let names: Vec<&str> = json["providers"][0]["accounts"]
         .as_array()
@@ -79,14 +86,16 @@ async fn the_status_command_shows_every_account_and_its_state_from_a_running_gat
     assert_eq!(names, ACCOUNTS);
 
     // Without the token a running gateway says what is missing.
-    let out = f
-        .gw
-        .command(&["status", "--url", &f.gw.url()])
-        .env_remove("QUOTAGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
+    let out =
+        f.gw.command(&["status", "--url", &f.gw.url()])
+            .env_remove("QUOTAGATE_ADMIN_TOKEN")
+            .output()
+            .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("QUOTAGATE_ADMIN_TOKEN"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("QUOTAGATE_ADMIN_TOKEN"),
+        "{out:?}"
+    );
 }
 
 fn thousands(n: u64) -> String {
@@ -96,9 +105,15 @@ fn thousands(n: u64) -> String {
 #[actix_rt::test]
 async fn watch_redraws_until_stopped() {
     let f = StatusFixture::start("").await;
-    let mut child = f
-        .gw
-        .command(&["status", "--watch", "--interval", "300ms", "--url", &f.gw.url()])
+    let mut child =
+        f.gw.command(&[
+            "status",
+            "--watch",
+            "--interval",
+            "300ms",
+            "--url",
+            &f.gw.url(),
+        ])
         .env("QUOTAGATE_ADMIN_TOKEN", f.gw.admin_token())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -125,11 +140,17 @@ async fn watch_redraws_until_stopped() {
         .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    let frames: Vec<&str> = text.split("\x1b[H\x1b[2J").filter(|f| !f.is_empty()).collect();
+    let frames: Vec<&str> = text
+        .split("\x1b[H\x1b[2J")
+        .filter(|f| !f.is_empty())
+        .collect();
     assert!(frames.len() >= 3, "{text}");
     for frame in &frames {
         for name in ACCOUNTS {
-            assert!(frame.contains(name), "{name} missing from a frame:\n{frame}");
+            assert!(
+                frame.contains(name),
+                "{name} missing from a frame:\n{frame}"
+            );
         }
     }
 }
@@ -143,12 +164,11 @@ async fn without_a_running_gateway_the_status_comes_from_the_database() {
     let exit = f.gw.sigterm();
     assert!(exit.status.success(), "{}", exit.stderr);
 
-    let out = f
-        .gw
-        .command(&["status", "--url", &url])
-        .env("QUOTAGATE_ADMIN_TOKEN", "whatever")
-        .output()
-        .unwrap();
+    let out =
+        f.gw.command(&["status", "--url", &url])
+            .env("QUOTAGATE_ADMIN_TOKEN", "whatever")
+            .output()
+            .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = stdout(&out);
     assert!(text.contains("from the database"), "{text}");
@@ -157,12 +177,18 @@ async fn without_a_running_gateway_the_status_comes_from_the_database() {
         let row = line(&text, name);
         assert!(row.contains("active"), "{row}");
         let used = thousands(member["quota_used"].as_u64().unwrap());
-        assert!(row.contains(&used), "{row} should show {used} used (the last sync)");
+        assert!(
+            row.contains(&used),
+            "{row} should show {used} used (the last sync)"
+        );
     }
     // `--offline` reads the database without trying the gateway, and leaves the clean-shutdown
     // mark alone: the next start is still a clean one.
     let out = f.gw.command(&["status", "--offline"]).output().unwrap();
-    assert!(out.status.success() && stdout(&out).contains("busy"), "{out:?}");
+    assert!(
+        out.status.success() && stdout(&out).contains("busy"),
+        "{out:?}"
+    );
     f.gw.restart();
     assert!(
         f.gw.logs().contains("\"clean\":true"),

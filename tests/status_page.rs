@@ -63,9 +63,15 @@ async fn without_the_admin_token_the_page_is_a_login_form_and_nothing_else() {
     let html = page.text();
     assert!(html.contains("action=\"/login\"") && html.contains("type=\"password\""));
     for secret in ACCOUNTS.iter().chain([&PROVIDER, &f.provider_id.as_str()]) {
-        assert!(!html.contains(secret), "`{secret}` shown without the token:\n{html}");
+        assert!(
+            !html.contains(secret),
+            "`{secret}` shown without the token:\n{html}"
+        );
     }
-    assert!(page.header("content-security-policy").unwrap().contains("script-src 'self'"));
+    assert!(page
+        .header("content-security-policy")
+        .unwrap()
+        .contains("script-src 'self'"));
     assert_eq!(page.header("cache-control"), Some("no-store"));
 
     // A wrong token, a client key, a forged cookie: still nothing.
@@ -96,13 +102,19 @@ async fn the_login_form_sets_an_httponly_samesite_strict_cookie_that_shows_the_p
         assert!(set_cookie.contains(flag), "{flag} missing: {set_cookie}");
     }
     let cookie = cookie_pair(set_cookie);
-    assert!(!cookie.contains(f.gw.admin_token()), "the cookie is not the token");
+    assert!(
+        !cookie.contains(f.gw.admin_token()),
+        "the cookie is not the token"
+    );
 
     let page = get_with_cookie(&f, "/", &cookie).await;
     assert_eq!(page.status, 200);
     let html = page.text();
     for name in ACCOUNTS {
-        assert!(html.contains(&format!("data-account=\"{name}\"")), "{name}:\n{html}");
+        assert!(
+            html.contains(&format!("data-account=\"{name}\"")),
+            "{name}:\n{html}"
+        );
     }
     assert!(html.contains("action=\"/logout\""));
     assert!(!html.contains(f.gw.admin_token()) && !html.contains("sk-status-"));
@@ -130,28 +142,49 @@ async fn the_login_form_sets_an_httponly_samesite_strict_cookie_that_shows_the_p
     // Logging out ends the session.
     let out = f
         .http
-        .send("POST", &f.url("/logout"), None, &[("cookie", &cookie)], None)
+        .send(
+            "POST",
+            &f.url("/logout"),
+            None,
+            &[("cookie", &cookie)],
+            None,
+        )
         .await;
     assert_eq!(out.status, 303);
     assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
-    assert_eq!(get_with_cookie(&f, "/status/live", &cookie).await.status, 401);
+    assert_eq!(
+        get_with_cookie(&f, "/status/live", &cookie).await.status,
+        401
+    );
 }
 
 #[actix_rt::test]
 async fn sessions_expire() {
     let f = StatusFixture::start("security: { session_ttl: 2s }\n").await;
     let cookie = logged_in(&f).await;
-    assert_eq!(get_with_cookie(&f, "/status/live", &cookie).await.status, 200);
+    assert_eq!(
+        get_with_cookie(&f, "/status/live", &cookie).await.status,
+        200
+    );
     actix_rt::time::sleep(Duration::from_millis(2200)).await;
-    assert_eq!(get_with_cookie(&f, "/status/live", &cookie).await.status, 401);
-    assert!(get_with_cookie(&f, "/", &cookie).await.text().contains("action=\"/login\""));
+    assert_eq!(
+        get_with_cookie(&f, "/status/live", &cookie).await.status,
+        401
+    );
+    assert!(get_with_cookie(&f, "/", &cookie)
+        .await
+        .text()
+        .contains("action=\"/login\""));
 }
 
 #[actix_rt::test]
 async fn rotating_the_admin_token_ends_every_session() {
     let f = StatusFixture::start("").await;
     let cookie = logged_in(&f).await;
-    assert_eq!(get_with_cookie(&f, "/status/live", &cookie).await.status, 200);
+    assert_eq!(
+        get_with_cookie(&f, "/status/live", &cookie).await.status,
+        200
+    );
     let rotated = f.gw.cli(&["admin-token", "rotate"]);
     assert!(rotated.status.success(), "{rotated:?}");
     let new_token = String::from_utf8_lossy(&rotated.stdout)
@@ -165,7 +198,10 @@ async fn rotating_the_admin_token_ends_every_session() {
         (get_with_cookie(&f, "/status/live", &cookie).await.status == 401).then_some(())
     })
     .await;
-    assert!(ended.is_some(), "the old session still works after the rotation");
+    assert!(
+        ended.is_some(),
+        "the old session still works after the rotation"
+    );
     let r = login(&f, &new_token).await;
     assert_eq!(r.status, 303, "the new token logs in: {r}");
 }
@@ -218,7 +254,9 @@ async fn the_page_and_the_status_json_agree_with_the_stats_api() {
     })
     .await
     .expect("six requests in the last minute");
-    let history = counted["providers"][0]["requests_history"].as_array().unwrap();
+    let history = counted["providers"][0]["requests_history"]
+        .as_array()
+        .unwrap();
     assert_eq!(history.len(), 60);
 }
 
@@ -254,9 +292,15 @@ async fn the_pool_stats_and_the_metrics_forecast_when_a_quota_runs_out() {
                 // What it used, over the 15-minute span, is its rate.
                 let left = (QUOTA - used) as f64 / (used as f64 / 15.0);
                 let expected = now + chrono::Duration::seconds((left * 60.0) as i64);
-                assert!((at - expected).num_seconds().abs() < 120, "{m}: expected ~{expected}");
+                assert!(
+                    (at - expected).num_seconds().abs() < 120,
+                    "{m}: expected ~{expected}"
+                );
             }
-            (_, at) => assert!(at.is_null() && used == 0, "an account that served has a forecast: {m}"),
+            (_, at) => assert!(
+                at.is_null() && used == 0,
+                "an account that served has a forecast: {m}"
+            ),
         }
     }
     let metrics = f.http.get(&f.url("/metrics"), None).await.text();
@@ -270,8 +314,9 @@ async fn the_pool_stats_and_the_metrics_forecast_when_a_quota_runs_out() {
         .unwrap()
         .to_string();
     assert!(
-        metrics.lines().any(|l| l.starts_with("quotagate_quota_exhausts_in_seconds{")
-            && l.contains(&busy_id)),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("quotagate_quota_exhausts_in_seconds{") && l.contains(&busy_id)),
         "{metrics}"
     );
     assert!(metrics.contains(&format!("quotagate_account_info{{account=\"busy\"")));
@@ -299,22 +344,36 @@ async fn a_cooling_account_says_until_when_and_why() {
         .collect();
     assert!(!cooling.is_empty(), "{status}");
     for a in &cooling {
-        assert!(a["cooldown"]["why"].as_str().unwrap().contains("429"), "{a}");
+        assert!(
+            a["cooldown"]["why"].as_str().unwrap().contains("429"),
+            "{a}"
+        );
         let until: chrono::DateTime<chrono::Utc> =
             a["cooldown"]["until"].as_str().unwrap().parse().unwrap();
-        assert!(until > chrono::Utc::now() + chrono::Duration::seconds(30), "{a}");
+        assert!(
+            until > chrono::Utc::now() + chrono::Duration::seconds(30),
+            "{a}"
+        );
     }
     let html = f.admin_get("/status/live").await.text();
     assert!(html.contains("data-state=\"cooling_down\""));
-    assert!(html.contains("the upstream answered 429 (rate limited)"), "{html}");
+    assert!(
+        html.contains("the upstream answered 429 (rate limited)"),
+        "{html}"
+    );
 }
 
 #[actix_rt::test]
 async fn the_assets_are_embedded_and_cacheable() {
     let f = StatusFixture::start("").await;
     let html = f.admin_get("/").await.text();
-    for (prefix, kind) in [("/assets/status.css?v=", "text/css"), ("/assets/status.js?v=", "text/javascript")] {
-        let start = html.find(prefix).unwrap_or_else(|| panic!("{prefix} not linked"));
+    for (prefix, kind) in [
+        ("/assets/status.css?v=", "text/css"),
+        ("/assets/status.js?v=", "text/javascript"),
+    ] {
+        let start = html
+            .find(prefix)
+            .unwrap_or_else(|| panic!("{prefix} not linked"));
         let link = &html[start..start + html[start..].find('"').unwrap()];
         let r = f.http.get(&f.url(link), None).await;
         assert_eq!(r.status, 200);

@@ -82,12 +82,7 @@ pub fn runs_out_at(budget: &Budget, now: Millis) -> Option<Millis> {
     if budget.limit == 0 {
         return None;
     }
-    runs_out(
-        budget.remaining(),
-        budget.rate,
-        budget.horizon.at(now),
-        now,
-    )
+    runs_out(budget.remaining(), budget.rate, budget.horizon.at(now), now)
 }
 
 /// When a pool of budgets (one per member, of the same limit) runs out: when the last member
@@ -147,8 +142,14 @@ mod tests {
 
     #[test]
     fn no_traffic_and_no_limit_have_no_forecast() {
-        assert_eq!(runs_out_at(&budget(400, 1000, Horizon::ResetsAt(NOW + HOUR), 0), NOW), None);
-        assert_eq!(runs_out_at(&budget(400, 0, Horizon::ResetsAt(NOW + HOUR), 100), NOW), None);
+        assert_eq!(
+            runs_out_at(&budget(400, 1000, Horizon::ResetsAt(NOW + HOUR), 0), NOW),
+            None
+        );
+        assert_eq!(
+            runs_out_at(&budget(400, 0, Horizon::ResetsAt(NOW + HOUR), 100), NOW),
+            None
+        );
     }
 
     #[test]
@@ -192,7 +193,11 @@ mod tests {
             budget(400, 1000, h, 50),
             budget(700, 1000, Horizon::ResetsAt(NOW + 2 * MIN), 100),
         ];
-        assert_eq!(pool_runs_out_at(&members, NOW), None, "a member refills first");
+        assert_eq!(
+            pool_runs_out_at(&members, NOW),
+            None,
+            "a member refills first"
+        );
         assert_eq!(pool_runs_out_at(&[], NOW), None);
     }
 

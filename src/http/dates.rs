@@ -121,19 +121,29 @@ mod tests {
 
     #[test]
     fn rfc3339_times_are_taken_as_they_are() {
-        let (from, to) = range(Some("2024-01-01T10:00:00+02:00"), Some("2024-01-02T00:00:00Z")).unwrap();
+        let (from, to) = range(
+            Some("2024-01-01T10:00:00+02:00"),
+            Some("2024-01-02T00:00:00Z"),
+        )
+        .unwrap();
         assert_eq!(from, at("2024-01-01T08:00:00Z"));
         assert_eq!(to, at("2024-01-02T00:00:00Z"));
     }
 
     #[test]
     fn a_plain_from_with_a_default_to_runs_until_now() {
-        let now = DateTime::parse_from_rfc3339("2024-01-10T12:00:00Z").unwrap().to_utc();
+        let now = DateTime::parse_from_rfc3339("2024-01-10T12:00:00Z")
+            .unwrap()
+            .to_utc();
         let (from, to) = range_at(Some("2024-01-09"), None, now).unwrap();
         assert_eq!(from, at("2024-01-09T00:00:00Z"));
         assert_eq!(to, now.naive_utc());
         let (from, _) = range_at(None, Some("2024-01-09"), now).unwrap();
-        assert_eq!(from, at("2024-01-09T00:00:00Z"), "24 h before the end of the 9th");
+        assert_eq!(
+            from,
+            at("2024-01-09T00:00:00Z"),
+            "24 h before the end of the 9th"
+        );
     }
 
     #[test]

@@ -133,13 +133,19 @@ impl Sessions {
     }
 
     /// Who is asking: the admin token as a bearer, or a live session cookie.
-    pub fn viewer(&self, req: &HttpRequest, credentials: &Credentials, now: Millis) -> Option<Viewer> {
+    pub fn viewer(
+        &self,
+        req: &HttpRequest,
+        credentials: &Credentials,
+        now: Millis,
+    ) -> Option<Viewer> {
         if bearer(req).is_some_and(|token| credentials.is_admin(token)) {
             return Some(Viewer::Bearer);
         }
         let token = cookie(req)?;
         let admin_hash = credentials.admin_fingerprint()?;
-        self.check(&token, &admin_hash, now).then_some(Viewer::Session)
+        self.check(&token, &admin_hash, now)
+            .then_some(Viewer::Session)
     }
 }
 
@@ -253,6 +259,10 @@ mod tests {
         let s = sessions();
         let token = s.issue("0123456789abcdef", NOW);
         assert!(!token.contains("0123456789abcdef"));
-        assert_ne!(token, s.issue("0123456789abcdef", NOW), "a fresh nonce each time");
+        assert_ne!(
+            token,
+            s.issue("0123456789abcdef", NOW),
+            "a fresh nonce each time"
+        );
     }
 }

@@ -264,10 +264,14 @@ async fn pool(
 ) -> Result<HttpResponse, ApiError> {
     let status = state.runtime.pool_status(&provider_id).await?;
     let forecasts = match page {
-        Some(page) => page.board.quota_forecasts(&status).await.unwrap_or_else(|e| {
-            log::warn!("no quota forecast: {e}");
-            Default::default()
-        }),
+        Some(page) => page
+            .board
+            .quota_forecasts(&status)
+            .await
+            .unwrap_or_else(|e| {
+                log::warn!("no quota forecast: {e}");
+                Default::default()
+            }),
         None => Default::default(),
     };
     let mut view = PoolView::from(status);

@@ -81,7 +81,11 @@ pub fn login(assets: &AssetLinks, problem: Option<&str>) -> String {
          required autofocus>\n<button type=\"submit\">Log in</button>\n</form>\n",
     );
     if let Some(problem) = problem {
-        let _ = writeln!(html, "<p class=\"problem\" role=\"alert\">{}</p>", esc(problem));
+        let _ = writeln!(
+            html,
+            "<p class=\"problem\" role=\"alert\">{}</p>",
+            esc(problem)
+        );
     }
     html.push_str("</main>\n</body>\n</html>\n");
     html
@@ -172,7 +176,11 @@ fn provider(html: &mut String, p: &ProviderView, now: DateTime<Utc>) {
         p.available_accounts,
         p.total_accounts,
         thousands(p.requests_per_minute),
-        if p.errors_per_minute > 0 { " class=\"bad\"" } else { "" },
+        if p.errors_per_minute > 0 {
+            " class=\"bad\""
+        } else {
+            ""
+        },
         thousands(p.errors_per_minute),
         forecast
     );
@@ -202,7 +210,11 @@ fn chart(html: &mut String, requests: &[u64], errors: &[u64]) {
         "<figure class=\"chart\"><svg viewBox=\"0 0 {w} {h}\" preserveAspectRatio=\"none\" role=\"img\" \
          aria-label=\"requests per minute over the last hour: {total} in all, at most {max} a minute\">"
     );
-    let _ = write!(html, "<rect class=\"axis\" x=\"0\" y=\"{}\" width=\"{w}\" height=\"1\"/>", h - 1);
+    let _ = write!(
+        html,
+        "<rect class=\"axis\" x=\"0\" y=\"{}\" width=\"{w}\" height=\"1\"/>",
+        h - 1
+    );
     for (i, (&r, &e)) in requests.iter().zip(errors).enumerate() {
         if r == 0 {
             continue;
@@ -231,7 +243,11 @@ fn chart(html: &mut String, requests: &[u64], errors: &[u64]) {
 
 /// A horizontal bar of `percent` (0–100), coloured by how full it is.
 fn bar(html: &mut String, percent: f64) {
-    let p = if percent.is_finite() { percent.clamp(0.0, 100.0) } else { 0.0 };
+    let p = if percent.is_finite() {
+        percent.clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
     let level = if p >= 95.0 {
         "full"
     } else if p >= 80.0 {
@@ -257,7 +273,11 @@ fn account(html: &mut String, a: &AccountView, now: DateTime<Utc>) {
         used = a.quota.used,
         limit = a.quota.limit,
     );
-    let _ = writeln!(html, "<td data-label=\"account\"><strong>{}</strong></td>", esc(&a.account));
+    let _ = writeln!(
+        html,
+        "<td data-label=\"account\"><strong>{}</strong></td>",
+        esc(&a.account)
+    );
 
     // State, with until when and why.
     let _ = write!(
@@ -274,7 +294,11 @@ fn account(html: &mut String, a: &AccountView, now: DateTime<Utc>) {
         );
     }
     if let Some(until) = a.circuit_open_until {
-        let _ = write!(html, "<small>circuit open until {}</small>", when(until, now));
+        let _ = write!(
+            html,
+            "<small>circuit open until {}</small>",
+            when(until, now)
+        );
     }
     if matches!(a.state, AccountState::Disabled | AccountState::Expired) {
         if let Some(reason) = &a.reason {
@@ -300,9 +324,17 @@ fn account(html: &mut String, a: &AccountView, now: DateTime<Utc>) {
             thousands(a.quota.limit),
             a.quota.usage_percent
         );
-        let _ = write!(html, "<small>resets {}</small>", when(a.quota.reset_at, now));
+        let _ = write!(
+            html,
+            "<small>resets {}</small>",
+            when(a.quota.reset_at, now)
+        );
         if let Some(at) = a.quota.exhausts_at {
-            let _ = write!(html, "<small class=\"warn\">runs out {}</small>", when(at, now));
+            let _ = write!(
+                html,
+                "<small class=\"warn\">runs out {}</small>",
+                when(at, now)
+            );
         }
     }
     let _ = write!(
@@ -367,7 +399,11 @@ fn window(html: &mut String, w: &WindowFigures, now: DateTime<Utc>) {
         let _ = write!(html, "<small>full, frees in {:.1} s</small>", w.retry_after);
     }
     if let Some(at) = w.exhausts_at {
-        let _ = write!(html, "<small class=\"warn\">runs out {}</small>", when(at, now));
+        let _ = write!(
+            html,
+            "<small class=\"warn\">runs out {}</small>",
+            when(at, now)
+        );
     }
     html.push_str("</div>");
 }

@@ -207,8 +207,7 @@ async fn logout(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     let page = page_data(&req)?;
     if session::same_origin(&req) {
         if let Some(token) = session::cookie(&req) {
-            page.sessions
-                .revoke(&token, state.runtime.clock().now_ms());
+            page.sessions.revoke(&token, state.runtime.clock().now_ms());
         }
     }
     Ok(HttpResponse::SeeOther()

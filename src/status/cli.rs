@@ -91,7 +91,10 @@ pub fn run(config: &Config, args: &StatusArgs) -> Result<(), CliError> {
             token,
         }
     };
-    let colors = if args.json || std::env::var_os("NO_COLOR").is_some() || !std::io::stdout().is_terminal() {
+    let colors = if args.json
+        || std::env::var_os("NO_COLOR").is_some()
+        || !std::io::stdout().is_terminal()
+    {
         Colors::Off
     } else {
         Colors::On
@@ -133,7 +136,10 @@ async fn frame(
     colors: Colors,
 ) -> Result<String, CliError> {
     let (snapshot, from) = match source {
-        Source::Database => (offline(config)?, "from the database (as of the last sync)".to_string()),
+        Source::Database => (
+            offline(config)?,
+            "from the database (as of the last sync)".to_string(),
+        ),
         Source::Gateway { url, token } => match fetch(url, token.as_deref()).await {
             Ok(snapshot) => (snapshot, format!("from {url}")),
             Err(Unreachable::NotRunning(why)) => (
@@ -144,8 +150,8 @@ async fn frame(
         },
     };
     if json {
-        let mut text = serde_json::to_string_pretty(&snapshot)
-            .map_err(|e| CliError::Failed(e.to_string()))?;
+        let mut text =
+            serde_json::to_string_pretty(&snapshot).map_err(|e| CliError::Failed(e.to_string()))?;
         text.push('\n');
         return Ok(text);
     }

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AccountState, AccountView, ErrorView, Hold, PoolForecast, ProviderView, QuotaFigures,
-    Snapshot, WindowFigures, WindowForecast, HISTORY_MINUTES, RATE_SPAN_MINUTES,
+    AccountState, AccountView, ErrorView, Hold, PoolForecast, ProviderView, QuotaFigures, Snapshot,
+    WindowFigures, WindowForecast, HISTORY_MINUTES, RATE_SPAN_MINUTES,
 };
 use crate::actors::pool::{MemberStatus, PoolStatus};
 use crate::domain::account::WindowStats;

@@ -29,7 +29,11 @@ impl Colors {
 
 /// `[████░░░░░░]` for `percent` (0–100).
 pub fn bar(percent: f64) -> String {
-    let p = if percent.is_finite() { percent.clamp(0.0, 100.0) } else { 0.0 };
+    let p = if percent.is_finite() {
+        percent.clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
     let full = ((p / 100.0) * BAR as f64).round() as usize;
     format!("[{}{}]", "█".repeat(full), "░".repeat(BAR - full))
 }
@@ -238,9 +242,15 @@ mod tests {
         let text = render(&snapshot(), "from the database", Colors::Off);
         assert!(text.contains("groq  least_used  available 1/2"), "{text}");
         let line = text.lines().find(|l| l.contains("groq-1")).unwrap();
-        assert!(line.contains("active") && line.contains("250/1,000 25.0%"), "{line}");
+        assert!(
+            line.contains("active") && line.contains("250/1,000 25.0%"),
+            "{line}"
+        );
         let line = text.lines().find(|l| l.contains("groq-2")).unwrap();
-        assert!(line.contains("quota used up") && line.contains("[██████████]"), "{line}");
+        assert!(
+            line.contains("quota used up") && line.contains("[██████████]"),
+            "{line}"
+        );
         assert!(!text.contains('\x1b'), "no colours off a terminal");
         assert!(render(&snapshot(), "x", Colors::On).contains("\x1b[32m"));
     }

@@ -369,7 +369,9 @@ impl Actor for Syncer {
             .sync_failures_total
             .with_label_values(&["database"]);
         if self.redis.is_some() {
-            self.metrics.sync_failures_total.with_label_values(&["redis"]);
+            self.metrics
+                .sync_failures_total
+                .with_label_values(&["redis"]);
         }
         self.schedule(ctx);
     }

@@ -71,7 +71,10 @@ fn snapshot() -> Snapshot {
 
 #[test]
 fn text_from_data_is_escaped() {
-    assert_eq!(esc(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+    assert_eq!(
+        esc(r#"<a href="x">'&'</a>"#),
+        "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+    );
     let html = fragment(&snapshot());
     assert!(!html.contains("<script>"), "{html}");
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
@@ -120,7 +123,10 @@ fn the_page_loads_only_its_own_assets_and_offers_logout_to_sessions() {
     assert!(html.contains("action=\"/logout\""));
     assert!(html.contains("data-live=\"/status/live\""));
     assert!(!page(&snapshot(), &links(), false).contains("/logout"));
-    assert!(!html.contains("http://") && !html.contains("https://"), "nothing from elsewhere");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "nothing from elsewhere"
+    );
 }
 
 #[test]

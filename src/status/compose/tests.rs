@@ -67,7 +67,10 @@ fn accounts_get_their_rate_and_quota_forecast_from_the_log() {
         ..Activity::default()
     };
     let s = compose(
-        vec![pool(vec![member("a", 400, 1000), member("b", 0, 1000)], HashMap::new())],
+        vec![pool(
+            vec![member("a", 400, 1000), member("b", 0, 1000)],
+            HashMap::new(),
+        )],
         &activity,
         &HashMap::new(),
         NOW,
@@ -76,7 +79,10 @@ fn accounts_get_their_rate_and_quota_forecast_from_the_log() {
     assert_eq!(a.requests_per_minute, 1.0);
     assert_eq!(a.tokens_per_minute, 100.0);
     assert_eq!(a.quota.exhausts_at, Some(to_datetime(NOW + 6 * MIN)));
-    assert_eq!(s.providers[0].accounts[1].quota.exhausts_at, None, "no traffic");
+    assert_eq!(
+        s.providers[0].accounts[1].quota.exhausts_at, None,
+        "no traffic"
+    );
     // The pool: 1600 left at 100 a minute.
     assert_eq!(
         s.providers[0].forecast.quota_exhausts_at,
@@ -103,7 +109,10 @@ fn long_windows_get_a_forecast_for_the_account_and_the_pool() {
     let w = &s.providers[0].accounts[0].windows[0];
     assert_eq!(w.exhausts_at, Some(to_datetime(NOW + 10 * MIN)));
     assert_eq!(w.usage_percent, 90.0);
-    assert_eq!(s.providers[0].forecast.quota_exhausts_at, None, "unlimited quota");
+    assert_eq!(
+        s.providers[0].forecast.quota_exhausts_at, None,
+        "unlimited quota"
+    );
     let pool_tpd = &s.providers[0].forecast.windows[0];
     assert_eq!(pool_tpd.limit_type, "tpd");
     assert_eq!(pool_tpd.exhausts_at, Some(to_datetime(NOW + 110 * MIN)));
@@ -145,7 +154,11 @@ fn the_history_is_a_minute_series_per_provider_ending_now() {
     assert_eq!(p.requests_history[0], 3);
     assert_eq!(p.requests_history[59], 7);
     assert_eq!((p.requests_per_minute, p.errors_per_minute), (7, 2));
-    assert_eq!(p.requests_history.iter().sum::<u64>(), 10, "older than an hour is left out");
+    assert_eq!(
+        p.requests_history.iter().sum::<u64>(),
+        10,
+        "older than an hour is left out"
+    );
 }
 
 #[test]
@@ -233,7 +246,10 @@ fn the_last_error_is_the_latest_of_the_log_and_the_events() {
         NOW,
     );
     let e = s.providers[0].accounts[0].last_error.clone().unwrap();
-    assert_eq!((e.status, e.message.as_str()), (Some(502), "the upstream failed"));
+    assert_eq!(
+        (e.status, e.message.as_str()),
+        (Some(502), "the upstream failed")
+    );
     let newer = HashMap::from([(
         "a".to_string(),
         Problem {
@@ -248,7 +264,14 @@ fn the_last_error_is_the_latest_of_the_log_and_the_events() {
         &newer,
         NOW,
     );
-    assert_eq!(s.providers[0].accounts[0].last_error.as_ref().unwrap().message, "newer");
+    assert_eq!(
+        s.providers[0].accounts[0]
+            .last_error
+            .as_ref()
+            .unwrap()
+            .message,
+        "newer"
+    );
 }
 
 #[test]
@@ -262,5 +285,8 @@ fn times_read_well() {
     assert_eq!(relative(to_datetime(NOW + 30_000), now), "in 30 s");
     assert_eq!(relative(to_datetime(NOW - 5 * MIN), now), "5 min ago");
     assert_eq!(relative(to_datetime(NOW + 125 * MIN), now), "in 2 h 5 min");
-    assert_eq!(relative(to_datetime(NOW + 3 * 24 * 60 * MIN), now), "in 3 days");
+    assert_eq!(
+        relative(to_datetime(NOW + 3 * 24 * 60 * MIN), now),
+        "in 3 days"
+    );
 }
