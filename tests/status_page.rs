@@ -381,3 +381,30 @@ async fn the_assets_are_embedded_and_cacheable() {
         assert!(r.header("cache-control").unwrap().contains("immutable"));
     }
 }
+
+#[actix_rt::test]
+async fn the_openapi_document_has_the_status_routes_and_the_forecast() {
+    let f = StatusFixture::start("").await;
+    let doc = f.http.get(&f.url("/openapi.json"), None).await.json();
+    for (method, path) in [
+        ("get", "/"),
+        ("get", "/status/live"),
+        ("post", "/login"),
+        ("post", "/logout"),
+        ("get", "/api/v1/status"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is not documented");
+    }
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["MemberView"]["properties"]["exhausts_at"].is_object());
+    assert!(schemas["Snapshot"]["properties"]["providers"].is_object());
+    assert!(schemas["QuotaFigures"]["properties"]["exhausts_at"].is_object());
+    let usage = &doc["paths"]["/api/v1/stats/usage"]["get"]["parameters"];
+    let from = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "from")
+        .unwrap();
+    assert!(from["description"].as_str().unwrap().contains("date"), "{from}");
+}
