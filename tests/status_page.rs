@@ -319,7 +319,7 @@ async fn the_pool_stats_and_the_metrics_forecast_when_a_quota_runs_out() {
             .any(|l| l.starts_with("quotagate_quota_exhausts_in_seconds{") && l.contains(&busy_id)),
         "{metrics}"
     );
-    assert!(metrics.contains(&format!("quotagate_account_info{{account=\"busy\"")));
+    assert!(metrics.contains("quotagate_account_info{account=\"busy\""));
 }
 
 #[actix_rt::test]
@@ -393,7 +393,10 @@ async fn the_openapi_document_has_the_status_routes_and_the_forecast() {
         ("post", "/logout"),
         ("get", "/api/v1/status"),
     ] {
-        assert!(doc["paths"][path][method].is_object(), "{method} {path} is not documented");
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is not documented"
+        );
     }
     let schemas = &doc["components"]["schemas"];
     assert!(schemas["MemberView"]["properties"]["exhausts_at"].is_object());
@@ -406,5 +409,8 @@ async fn the_openapi_document_has_the_status_routes_and_the_forecast() {
         .iter()
         .find(|p| p["name"] == "from")
         .unwrap();
-    assert!(from["description"].as_str().unwrap().contains("date"), "{from}");
+    assert!(
+        from["description"].as_str().unwrap().contains("date"),
+        "{from}"
+    );
 }

@@ -102,7 +102,8 @@ fn runs_out(remaining: u64, rate: Rate, horizon: Millis, now: Millis) -> Option<
     if remaining == 0 {
         return Some(now);
     }
-    if !(rate.0 > 0.0) {
+    // Also catches a NaN rate.
+    if rate.0.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return None;
     }
     // In f64: `remaining / rate` may be far beyond any time; compared before converting back.

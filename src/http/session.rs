@@ -68,6 +68,7 @@ fn fingerprint(admin_hash: &str) -> [u8; FINGERPRINT_LEN] {
 }
 
 impl Sessions {
+    /// Sessions sealed with `key`, lasting `ttl`.
     pub fn new(key: MasterKey, ttl: Duration) -> Sessions {
         Sessions {
             key,

@@ -43,7 +43,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -337,9 +337,9 @@ fn account(html: &mut String, a: &AccountView, now: DateTime<Utc>) {
             );
         }
     }
-    let _ = write!(
+    let _ = writeln!(
         html,
-        "<small>{:.1} req/min · {} tokens/min</small></td>\n",
+        "<small>{:.1} req/min · {} tokens/min</small></td>",
         a.requests_per_minute,
         thousands(a.tokens_per_minute.round() as u64)
     );

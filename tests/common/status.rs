@@ -22,6 +22,7 @@ pub const QUOTA: u64 = 100_000;
 pub const BASE_YAML: &str =
     "quota: { reset_cron: \"0 0 1 1 *\" }\ntracking: { flush_interval: 200ms }\n";
 
+/// The running gateway, its mock upstream and a client.
 pub struct StatusFixture {
     pub gw: TestGateway,
     pub mock: MockUpstream,
@@ -75,6 +76,7 @@ impl StatusFixture {
         }
     }
 
+    /// The gateway's URL for `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.gw.url())
     }
