@@ -402,6 +402,10 @@ async fn the_openapi_document_has_the_status_routes_and_the_forecast() {
     assert!(schemas["MemberView"]["properties"]["exhausts_at"].is_object());
     assert!(schemas["Snapshot"]["properties"]["providers"].is_object());
     assert!(schemas["QuotaFigures"]["properties"]["exhausts_at"].is_object());
+    // The page's account and provider schemas do not replace the admin API's.
+    assert!(schemas["StatusAccountView"]["properties"]["quota"].is_object());
+    assert!(schemas["StatusProviderView"]["properties"]["accounts"].is_object());
+    assert!(schemas["AccountView"]["properties"]["api_key_hint"].is_object());
     let usage = &doc["paths"]["/api/v1/stats/usage"]["get"]["parameters"];
     let from = usage
         .as_array()

@@ -38,6 +38,8 @@ pub struct Snapshot {
 
 /// One provider's pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+// Named apart from the admin API's `ProviderView` in the OpenAPI document.
+#[schema(as = StatusProviderView)]
 pub struct ProviderView {
     pub provider_id: String,
     pub provider: String,
@@ -123,6 +125,8 @@ impl AccountState {
 
 /// One account of a pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+// Named apart from the admin API's `AccountView` in the OpenAPI document.
+#[schema(as = StatusAccountView)]
 pub struct AccountView {
     pub account_id: String,
     pub account: String,
