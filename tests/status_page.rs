@@ -263,8 +263,9 @@ async fn the_page_and_the_status_json_agree_with_the_stats_api() {
 #[actix_rt::test]
 async fn the_pool_stats_and_the_metrics_forecast_when_a_quota_runs_out() {
     let f = StatusFixture::start("").await;
-    // 1000 tokens a request: the busy accounts use up their quota in well under a year.
-    f.mock.set_usage(None, 900, 100);
+    // 10,000 tokens a request: an account that served two has its quota forecast within the
+    // hour, well before the yearly reset (so only the last hour of a year could fail this).
+    f.mock.set_usage(None, 9000, 1000);
     f.chat(4).await;
     f.wait_for_logged(4).await;
     let stats = eventually(Duration::from_secs(15), async || {
