@@ -55,6 +55,9 @@ pub enum Command {
     /// Manage the admin token.
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCommand),
+    /// Show every pool and account (state, quota, rate windows, cooldowns), from a running
+    /// gateway (admin token in QUOTAGATE_ADMIN_TOKEN) or from the database.
+    Status(crate::status::cli::StatusArgs),
     /// Copy the embedded database to FILE while the server runs.
     Backup {
         #[arg(long, value_name = "FILE")]
@@ -207,6 +210,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Key(cmd) => key(&config, cmd),
         Command::AdminToken(AdminTokenCommand::Rotate) => rotate_admin_token(&config),
         Command::Backup { to } => backup(&config, &to),
+        Command::Status(args) => crate::status::cli::run(&config, &args),
     };
     // Log lines are written by a thread of their own: let it finish before the process ends.
     crate::logging::flush(std::time::Duration::from_secs(2));

@@ -30,5 +30,6 @@ pub mod metrics;
 pub mod provision;
 pub mod secrets;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod sync;

@@ -102,6 +102,12 @@ async fn serve(config: Config) -> Result<(), String> {
         renew_every: (config.sync.reservation_timeout / 3).max(Duration::from_secs(1)),
         tracker: tracker.clone(),
     };
+    // The status page's board (snapshots, forecast metrics) and its sessions: one per server,
+    // shared by every worker.
+    let status_page = web::Data::new(http::status_page::StatusPage {
+        board: crate::status::StatusBoard::new(state.store.clone(), state.runtime.clone()),
+        sessions: http::session::Sessions::new(master_key.clone(), config.security.session_ttl),
+    });
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -109,6 +115,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
+            .app_data(status_page.clone())
             // One pooled upstream client per worker thread.
             .app_data(web::Data::new(http::upstream::client(&state.upstream)))
             .configure(http::configure)

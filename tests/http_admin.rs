@@ -1391,6 +1391,12 @@ async fn the_openapi_document_lists_every_route_of_the_api() {
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/openapi.json"),
+        // The status page (issue 11).
+        ("get", "/"),
+        ("get", "/status/live"),
+        ("post", "/login"),
+        ("post", "/logout"),
+        ("get", "/api/v1/status"),
     ];
     for (method, path) in routes {
         assert!(

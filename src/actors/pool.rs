@@ -54,6 +54,16 @@ pub struct MemberStatus {
     pub quota_used: u64,
     pub quota_limit: u64,
     pub usage_percent: f64,
+    /// When the quota period ends.
+    pub reset_at: crate::domain::time::Millis,
+    /// Reservations not yet settled.
+    pub in_flight: u64,
+    /// While an upstream's "wait" holds the account: until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown_until: Option<crate::domain::time::Millis>,
+    /// While the circuit breaker is open: until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_open_until: Option<crate::domain::time::Millis>,
 }
 
 #[derive(Message, Debug, Clone)]
@@ -344,6 +354,10 @@ impl PoolActor {
                         quota_used: status.current_usage,
                         quota_limit: status.limit,
                         usage_percent: status.usage_percent,
+                        reset_at: status.reset_at,
+                        in_flight: status.in_flight,
+                        cooldown_until: status.cooldown_until,
+                        circuit_open_until: status.circuit_open_until,
                     });
                 }
                 let available_accounts = accounts_status.iter().filter(|s| s.available).count();

@@ -554,12 +554,25 @@ pub struct NotificationsConfig {
 }
 
 /// `security`: secrets the runtime generates (into `data_dir`) when they are left empty.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecurityConfig {
     pub admin_token: Secret,
     /// Encrypts credentials at rest: 32 bytes as 64 hex characters or base64.
     pub master_key: Secret,
+    /// How long a status-page login lasts (a rotated admin token ends it sooner).
+    #[serde(with = "codec::duration")]
+    pub session_ttl: Duration,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            admin_token: Secret::default(),
+            master_key: Secret::default(),
+            session_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
 }
 
 /// `logging`: level and line format of the logs on stderr.

@@ -44,6 +44,7 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
         "sync.lease_ttl",
         "must be at least ten times sync.report_interval (leases are renewed at every report)",
     )?;
+    positive("security.session_ttl", config.security.session_ttl)?;
     positive("upstream.connect_timeout", config.upstream.connect_timeout)?;
     positive("upstream.timeout", config.upstream.timeout)?;
     positive(

@@ -213,6 +213,14 @@ pub struct QuotaStatus {
     pub limit: u64,
     pub usage_percent: f64,
     pub reset_at: Millis,
+    /// Reservations not yet settled (the status page's "in flight").
+    pub in_flight: u64,
+    /// While an upstream's "wait" holds the account: until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown_until: Option<Millis>,
+    /// While the circuit breaker is open: until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_open_until: Option<Millis>,
 }
 
 /// The seed's per-limit `GetStats`.
@@ -225,6 +233,12 @@ pub struct WindowStats {
     pub window_start: Millis,
     /// Seconds until one more request (of one unit) could pass; 0 when it can now.
     pub retry_after: f64,
+    /// What the window counts (`requests`, `tokens`, `concurrent`), for forecasts.
+    pub kind: LimitKind,
+    /// The window's length in ms (0 for `concurrent`).
+    pub period_ms: Millis,
+    /// When a fixed window's period ends; `None` for a sliding window.
+    pub resets_at: Option<Millis>,
 }
 
 /// What the pool needs to order its candidates, refreshed with every reply.
@@ -867,6 +881,12 @@ impl Account {
             limit: self.quota.limit,
             usage_percent: self.quota.usage_fraction() * 100.0,
             reset_at: self.quota.reset_at(),
+            in_flight: self.inflight,
+            cooldown_until: (now < self.cooldown_until).then_some(self.cooldown_until),
+            circuit_open_until: match self.circuit {
+                Circuit::Open { until, .. } if now < until => Some(until),
+                _ => None,
+            },
         }
     }
 
@@ -887,6 +907,9 @@ impl Account {
                     in_flight: w.inflight(),
                     window_start: w.window_start(now),
                     retry_after,
+                    kind: w.kind(),
+                    period_ms: w.per_ms(),
+                    resets_at: w.resets_at(),
                 }
             })
             .collect();
@@ -902,6 +925,9 @@ impl Account {
                 } else {
                     0.0
                 },
+                kind: LimitKind::Concurrent,
+                period_ms: 0,
+                resets_at: None,
             });
         }
         stats

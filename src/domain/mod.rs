@@ -6,6 +6,7 @@ pub mod limits;
 
 pub use limits::{FixedReset, LimitKind, LimitScope, LimitSpec, NamedLimit, Strategy, Tokenizer};
 pub mod account;
+pub mod forecast;
 pub mod quota;
 pub mod refusal;
 pub mod schedule;

@@ -202,6 +202,11 @@ impl Window {
         }
     }
 
+    /// When a fixed window's current period ends; `None` for a sliding window.
+    pub fn resets_at(&self) -> Option<Millis> {
+        matches!(self.def.expiry, Expiry::Fixed { .. }).then_some(self.period_end)
+    }
+
     /// Units held now (committed and in flight).
     pub fn used(&self) -> u64 {
         self.committed.saturating_add(self.inflight)

@@ -97,6 +97,20 @@ impl Credentials {
             .cloned()
     }
 
+    /// The stored hash of the current admin token (`None` when there is none). Status-page
+    /// sessions carry a digest of it, so rotating the token ends them (see `http::session`).
+    pub fn admin_fingerprint(&self) -> Option<String> {
+        match &self.configured_admin {
+            Some(hash) => Some(hash.clone()),
+            None => self
+                .inner
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .admin_hash
+                .clone(),
+        }
+    }
+
     /// Whether `token` is the admin token (compared in constant time).
     pub fn is_admin(&self, token: &str) -> bool {
         let stored = match &self.configured_admin {

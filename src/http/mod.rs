@@ -4,11 +4,15 @@
 
 pub mod admin;
 pub mod auth;
+pub mod dates;
 pub mod error;
 pub mod openai;
 pub mod openapi;
 pub mod proxy;
+pub mod session;
 pub mod stats;
+pub mod status_html;
+pub mod status_page;
 pub mod upstream;
 
 use std::time::Duration;
@@ -40,6 +44,9 @@ pub struct AppState {
     /// Writes request-log rows and audit rows in batches.
     pub tracker: crate::actors::tracker::TrackerHandle,
 }
+
+/// A scrape reuses forecast metrics up to this old (a status snapshot sets them too).
+const METRICS_FRESHNESS: Duration = Duration::from_secs(10);
 
 /// How long a readiness probe waits for each dependency.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -122,6 +129,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(metrics);
     admin::configure(cfg);
     stats::configure(cfg);
+    status_page::configure(cfg);
     openapi::configure(cfg);
 }
 
@@ -131,7 +139,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
 )]
 #[get("/metrics")]
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+async fn metrics(
+    state: web::Data<AppState>,
+    page: Option<web::Data<status_page::StatusPage>>,
+) -> HttpResponse {
+    // The forecast gauges are computed, not counted: bring them up to date for this scrape.
+    if let Some(page) = page {
+        page.board.refresh_metrics(METRICS_FRESHNESS).await;
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.runtime.events().metrics().render())

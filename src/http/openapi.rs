@@ -59,6 +59,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         crate::http::metrics,
         crate::http::healthz,
         crate::http::readyz,
+        crate::http::status_page::index,
+        crate::http::status_page::live,
+        crate::http::status_page::login,
+        crate::http::status_page::logout,
+        crate::http::status_page::status_json,
         document,
     ),
     modifiers(&BearerTokens),
@@ -66,7 +71,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (name = "client", description = "OpenAI-compatible API (client key)"),
         (name = "stats", description = "Usage history and live quota state (admin token; a client key reads its own usage)"),
         (name = "admin", description = "Providers, accounts, limits and client keys (admin token); changes apply at once"),
-        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "operations", description = "Health, readiness, metrics, the status page and this document"),
     )
 )]
 pub struct ApiDoc;

@@ -2,17 +2,19 @@
 //! history from the store's rollups (usage, providers, top models, errors).
 //!
 //! The admin token reads everything; a client key reads only its own usage (`user_id` is then its
-//! own user; naming another user is refused). `from`/`to` are RFC 3339 and default to the last 24
-//! hours; the range is `[from, to)`. Providers and accounts may be given by id or name.
+//! own user; naming another user is refused). `from`/`to` are RFC 3339 times or plain dates
+//! (whole UTC days, see [`super::dates`]) and default to the last 24 hours; the range is
+//! `[from, to)`. Providers and accounts may be given by id or name.
 
 use actix_web::{get, web, HttpRequest, HttpResponse};
-use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::{IntoParams, ToSchema};
 
 use super::admin::{blocking, query};
 use super::auth::{Admin, Reader};
+use super::dates::range;
 use super::error::ApiError;
 use super::openapi::ErrorBody;
 use super::AppState;
@@ -22,8 +24,6 @@ use crate::domain::time::to_datetime;
 use crate::store::stats::{self, ErrorStats, ModelUsage, Period, ProviderStats, UsageStats};
 use crate::store::{keys, providers, DbConn, StoreError};
 
-/// The default range, back from `to`.
-const DEFAULT_RANGE: Duration = Duration::hours(24);
 const DEFAULT_TOP: usize = 10;
 const MAX_TOP: usize = 1000;
 
@@ -86,6 +86,11 @@ pub struct MemberView {
     pub quota_used: u64,
     pub quota_limit: u64,
     pub usage_percent: f64,
+    /// When the quota runs out at the account's current rate (over the last 15 minutes);
+    /// `null` when not before `reset_at`.
+    pub exhausts_at: Option<DateTime<Utc>>,
+    /// When the quota period ends.
+    pub reset_at: DateTime<Utc>,
 }
 
 /// An account's quota, live.
@@ -162,9 +167,9 @@ pub struct ErrorStatsView {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RangeQuery {
-    /// RFC 3339; default `to` − 24 h.
+    /// RFC 3339 or a date (its start, UTC); default `to` − 24 h.
     from: Option<String>,
-    /// RFC 3339; default now.
+    /// RFC 3339 or a date (its end, UTC); default now.
     to: Option<String>,
 }
 
@@ -172,9 +177,9 @@ pub struct RangeQuery {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
-    /// RFC 3339; default `to` − 24 h.
+    /// RFC 3339 or a date (its start, UTC); default `to` − 24 h.
     from: Option<String>,
-    /// RFC 3339; default now.
+    /// RFC 3339 or a date (its end, UTC); default now.
     to: Option<String>,
     /// A user's id or name (admin only; a client key reads its own user).
     user_id: Option<String>,
@@ -186,9 +191,9 @@ pub struct UsageQuery {
 pub struct TopQuery {
     /// How many models (1–1000, default 10).
     limit: Option<String>,
-    /// RFC 3339; default `to` − 24 h.
+    /// RFC 3339 or a date (its start, UTC); default `to` − 24 h.
     from: Option<String>,
-    /// RFC 3339; default now.
+    /// RFC 3339 or a date (its end, UTC); default now.
     to: Option<String>,
 }
 
@@ -246,7 +251,7 @@ async fn usage(
     security(("admin_token" = [])),
     params(("provider_id" = String, Path, description = "The provider's id or name")),
     responses(
-        (status = 200, description = "The pool's accounts, live", body = PoolView),
+        (status = 200, description = "The pool's accounts, live, with each quota's exhaustion forecast", body = PoolView),
         (status = 404, description = "No such provider", body = ErrorBody),
     )
 )]
@@ -254,10 +259,26 @@ async fn usage(
 async fn pool(
     _: Admin,
     state: web::Data<AppState>,
+    page: Option<web::Data<super::status_page::StatusPage>>,
     provider_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let status = state.runtime.pool_status(&provider_id).await?;
-    Ok(HttpResponse::Ok().json(PoolView::from(status)))
+    let forecasts = match page {
+        Some(page) => page
+            .board
+            .quota_forecasts(&status)
+            .await
+            .unwrap_or_else(|e| {
+                log::warn!("no quota forecast: {e}");
+                Default::default()
+            }),
+        None => Default::default(),
+    };
+    let mut view = PoolView::from(status);
+    for member in &mut view.accounts_status {
+        member.exhausts_at = forecasts.get(&member.account_id).copied().flatten();
+    }
+    Ok(HttpResponse::Ok().json(view))
 }
 
 #[utoipa::path(
@@ -406,44 +427,6 @@ async fn errors(
 // Helpers
 // ------------------------------------------------------------------------------------------------
 
-/// `from`/`to` as stored (UTC): RFC 3339, the last 24 hours by default, `from` ≤ `to`.
-fn range(from: Option<&str>, to: Option<&str>) -> Result<(NaiveDateTime, NaiveDateTime), ApiError> {
-    let parse = |text: &str, param: &str| {
-        DateTime::parse_from_rfc3339(text.trim())
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| {
-                ApiError::invalid(
-                    format!(
-                        "{param} `{text}` is not an RFC 3339 time ({e}); write e.g. 2026-11-28T00:00:00Z"
-                    ),
-                    Some(param),
-                )
-            })
-    };
-    fn given(v: Option<&str>) -> Option<&str> {
-        v.filter(|s| !s.trim().is_empty())
-    }
-    let to = match given(to) {
-        Some(text) => parse(text, "to")?,
-        None => Utc::now(),
-    };
-    let from = match given(from) {
-        Some(text) => parse(text, "from")?,
-        None => to - DEFAULT_RANGE,
-    };
-    if from > to {
-        return Err(ApiError::invalid(
-            format!(
-                "from ({}) is after to ({})",
-                from.to_rfc3339(),
-                to.to_rfc3339()
-            ),
-            Some("from"),
-        ));
-    }
-    Ok((from.naive_utc(), to.naive_utc()))
-}
-
 /// A provider's id from its id or name; a uuid that is no longer a provider still names its
 /// history.
 fn provider_ref(conn: &mut DbConn, reference: &str) -> Result<String, StoreError> {
@@ -509,6 +492,8 @@ impl From<MemberStatus> for MemberView {
             quota_used: m.quota_used,
             quota_limit: m.quota_limit,
             usage_percent: m.usage_percent,
+            exhausts_at: None,
+            reset_at: to_datetime(m.reset_at),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! them off the async threads (a `SyncArbiter` or `web::block`).
 
 pub mod accounts;
+pub mod activity;
 pub mod audit;
 pub mod keys;
 pub mod limits;

@@ -989,12 +989,12 @@ pub fn error_stats(
 // ---------------------------------------------------------------------------------------------
 // Raw statements
 
-type Statement = BoxedSqlQuery<'static, MultiBackend, SqlQuery>;
+pub(super) type Statement = BoxedSqlQuery<'static, MultiBackend, SqlQuery>;
 type PgStatement = BoxedSqlQuery<'static, Pg, SqlQuery>;
 
 /// A raw statement for `conn`'s backend: the `?` placeholders of `sql` become `$1, $2, …` on
 /// Postgres. (The statements of this module have no `?` inside string literals.)
-fn statement(conn: &DbConn, sql: &str) -> Statement {
+pub(super) fn statement(conn: &DbConn, sql: &str) -> Statement {
     let text = match conn {
         DbConn::Postgres(_) => {
             let mut numbered = String::with_capacity(sql.len() + 32);

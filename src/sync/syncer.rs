@@ -363,6 +363,16 @@ impl Actor for Syncer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // The failure counters exist from the start (at 0), so `rate()` and alerts on them work
+        // before the first failure.
+        self.metrics
+            .sync_failures_total
+            .with_label_values(&["database"]);
+        if self.redis.is_some() {
+            self.metrics
+                .sync_failures_total
+                .with_label_values(&["redis"]);
+        }
         self.schedule(ctx);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod services;
+pub mod status;
 pub mod upstream;
 
 // Re-exported so tests write `common::pg_database()`; not every binary uses every name.
