@@ -506,12 +506,14 @@ impl Prompt {
                             }
                         }
                     }
-                    _ => return Err(invalid(
-                        format!(
+                    _ => {
+                        return Err(invalid(
+                            format!(
                             "`messages[{i}].content` must be a string, an array of parts or null"
                         ),
-                        "messages",
-                    )),
+                            "messages",
+                        ))
+                    }
                 },
             }
             // Names and tool calls are sent upstream too, so they count.
