@@ -51,8 +51,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("")
             .wrap(actix_web::middleware::from_fn(request_id))
-            .configure(routes),
+            .configure(routes)
+            .default_service(web::to(unknown_route)),
     );
+}
+
+/// An unknown path (or method) still gets the error envelope.
+async fn unknown_route(req: actix_web::HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError as _;
+    error::ApiError::NotFound(format!("no route {} {}", req.method(), req.path())).error_response()
 }
 
 /// The id of a request: the client's `x-request-id` when it sent a usable one, else a new uuid.

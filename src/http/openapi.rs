@@ -92,7 +92,8 @@ async fn document() -> HttpResponse {
         .body(json())
 }
 
-/// The error envelope of every error answer (OpenAI's shape, with the seed's codes).
+/// The error envelope of every error answer (OpenAI's shape, with the seed's codes): `message`,
+/// `type`, `param` and `code` always, the code's extra fields where API.md lists them.
 #[allow(dead_code)] // documents `ApiError::body`
 #[derive(ToSchema)]
 pub struct ErrorBody {
@@ -110,7 +111,8 @@ pub struct ErrorDetail {
     /// `quota_exceeded`, `no_account_available`, `upstream_error`, `upstream_timeout`,
     /// `not_found`, `conflict`, `forbidden`, …
     code: String,
-    /// The field at fault (400).
+    /// The field at fault (400); always present, `null` when no field is at fault.
+    #[schema(required = true)]
     param: Option<String>,
     /// Seconds (429 `rate_limit_exceeded`).
     retry_after: Option<f64>,
