@@ -97,6 +97,8 @@ async fn serve(config: Config) -> Result<(), String> {
             timeout: config.upstream.timeout,
             stream_idle_timeout: config.upstream.stream_idle_timeout,
             retries: config.upstream.retries,
+            max_cooldown: config.upstream.max_cooldown,
+            forbidden_cooldown: config.upstream.forbidden_cooldown,
         },
         // Well before the reservation would expire.
         renew_every: (config.sync.reservation_timeout / 3).max(Duration::from_secs(1)),

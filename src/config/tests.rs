@@ -630,6 +630,26 @@ fn a_malformed_master_key_is_refused_without_showing_it() {
 }
 
 #[test]
+fn upstream_cooldown_caps_default_to_an_hour_and_ten_minutes_and_must_be_positive() {
+    let config = load("");
+    assert_eq!(config.upstream.max_cooldown, Duration::from_secs(3600));
+    assert_eq!(config.upstream.forbidden_cooldown, Duration::from_secs(600));
+    let set = load("upstream: { max_cooldown: 5m, forbidden_cooldown: 30s }\n");
+    assert_eq!(set.upstream.max_cooldown, Duration::from_secs(300));
+    assert_eq!(set.upstream.forbidden_cooldown, Duration::from_secs(30));
+    assert_refused(
+        "upstream: { max_cooldown: 0s }\n",
+        "upstream.max_cooldown",
+        "longer than 0",
+    );
+    assert_refused(
+        "upstream: { forbidden_cooldown: 0s }\n",
+        "upstream.forbidden_cooldown",
+        "longer than 0",
+    );
+}
+
+#[test]
 fn duplicate_names_are_refused() {
     let yaml = "providers:\n  - { name: p, base_url: \"https://a.test\" }\n  - { name: p, base_url: \"https://b.test\" }\n";
     assert_refused(yaml, "providers[1].name", "duplicate provider name `p`");

@@ -65,7 +65,7 @@ pub struct Grant {
 /// Why an account refuses a reservation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    /// Disabled by an operator, by the config, or after an upstream 401/403.
+    /// Disabled by an operator, by the config, or after an upstream 401.
     Disabled {
         reason: Option<String>,
     },
@@ -100,15 +100,20 @@ pub enum Usage {
 }
 
 /// How the upstream answered, for health and cooldown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamOutcome {
     Success,
-    /// 429: cool down for `retry_after_ms` (or a default).
+    /// 429: cool down for `retry_after_ms` (or a default), already capped at
+    /// `upstream.max_cooldown` by whoever read it; `capped` when the upstream asked for more.
     RateLimited {
         retry_after_ms: Option<Millis>,
+        capped: bool,
     },
-    /// 401/403: the key is not accepted; the account is disabled.
+    /// 401: the key is not accepted; the account is disabled.
     Unauthorized,
+    /// 403 (a model not enabled for this key, a region, a policy): the account stays away from
+    /// `model` for `cooldown_ms` (`upstream.forbidden_cooldown`), and keeps serving other models.
+    Forbidden { model: Arc<str>, cooldown_ms: Millis },
     /// 5xx, connection error, timeout.
     Failure,
 }
@@ -123,7 +128,7 @@ pub struct RateHeaders {
 }
 
 /// Feedback from one upstream answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Feedback {
     pub outcome: UpstreamOutcome,
     pub latency_ms: u64,
@@ -246,6 +251,9 @@ pub struct AccountState {
     /// Highest requests and tokens admitted in one sync interval (for the crash-gap charge).
     pub peak_requests: u64,
     pub peak_tokens: u64,
+    /// Models this account must not be sent until a time (after an upstream 403).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_cooldowns: Vec<(String, Millis)>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +270,8 @@ pub struct Account {
     reservations: HashMap<u64, Reservation>,
     next_reservation: u64,
     cooldown_until: Millis,
+    /// Models held back after an upstream 403, until a time each (few; usually none).
+    model_cooldowns: Vec<(Arc<str>, Millis)>,
     circuit: Circuit,
     failures: u32,
     consecutive_429: u32,
@@ -348,6 +358,7 @@ impl Account {
             reservations: HashMap::new(),
             next_reservation: 1,
             cooldown_until: 0,
+            model_cooldowns: Vec::new(),
             circuit: Circuit::Closed,
             failures: 0,
             consecutive_429: 0,
@@ -407,6 +418,7 @@ impl Account {
         for w in &mut self.windows {
             w.roll(now);
         }
+        self.model_cooldowns.retain(|(_, until)| now < *until);
         if let Circuit::Open { until, backoff } = self.circuit {
             if now >= until {
                 self.circuit = Circuit::HalfOpen {
@@ -557,6 +569,13 @@ impl Account {
         if now < self.cooldown_until {
             hold(&Arc::from("cooldown"), self.cooldown_until, false);
         }
+        if let Some((_, until)) = self
+            .model_cooldowns
+            .iter()
+            .find(|(m, until)| **m == *model && now < *until)
+        {
+            hold(&Arc::from("model_cooldown"), *until, false);
+        }
         match self.circuit {
             Circuit::Open { until, .. } if now < until => {
                 hold(&Arc::from("circuit_open"), until, false)
@@ -692,37 +711,57 @@ impl Account {
     }
 
     /// Applies an upstream answer: latency and error averages, cooldown after a 429, the circuit
-    /// breaker after failures, disabling after 401/403, and header tightening.
+    /// breaker after failures, disabling after a 401, a per-model cooldown after a 403, and header
+    /// tightening. Whatever the values (huge, negative), time arithmetic saturates: nothing here
+    /// can panic and lose the commit that arrives in the same message.
     pub fn feedback(&mut self, fb: &Feedback, now: Millis, events: &mut Vec<AccountEvent>) {
         let failed = matches!(fb.outcome, UpstreamOutcome::Failure);
         self.latency_ewma = ewma(self.latency_ewma, fb.latency_ms as f64);
         self.error_ewma = ewma(self.error_ewma, if failed { 1.0 } else { 0.0 });
-        match fb.outcome {
+        match &fb.outcome {
             UpstreamOutcome::Success => {
                 self.failures = 0;
                 self.consecutive_429 = 0;
                 self.circuit = Circuit::Closed;
             }
-            UpstreamOutcome::RateLimited { retry_after_ms } => {
-                self.consecutive_429 += 1;
+            UpstreamOutcome::RateLimited {
+                retry_after_ms,
+                capped,
+            } => {
+                self.consecutive_429 = self.consecutive_429.saturating_add(1);
                 let fallback = [fb.headers.requests_reset_ms, fb.headers.tokens_reset_ms]
                     .into_iter()
                     .flatten()
                     .max();
                 let backoff = DEFAULT_COOLDOWN_MS << (self.consecutive_429 - 1).min(6);
                 let wait = retry_after_ms.or(fallback).unwrap_or(backoff).max(1);
-                let until = now + wait;
+                let until = now.saturating_add(wait);
                 if until > self.cooldown_until {
                     self.cooldown_until = until;
                     events.push(AccountEvent::Cooldown {
                         until,
-                        reason: "upstream_429",
+                        reason: if *capped {
+                            "upstream_429_capped"
+                        } else {
+                            "upstream_429"
+                        },
                     });
                 }
             }
+            UpstreamOutcome::Forbidden { model, cooldown_ms } => {
+                let until = now.saturating_add((*cooldown_ms).max(1));
+                match self.model_cooldowns.iter_mut().find(|(m, _)| m == model) {
+                    Some((_, at)) => *at = (*at).max(until),
+                    None => self.model_cooldowns.push((model.clone(), until)),
+                }
+                events.push(AccountEvent::Cooldown {
+                    until,
+                    reason: "upstream_403",
+                });
+            }
             UpstreamOutcome::Unauthorized => {
                 if self.active {
-                    let reason = "upstream rejected the key (401/403)".to_string();
+                    let reason = "upstream rejected the key (401)".to_string();
                     self.active = false;
                     self.disabled_reason = Some(reason.clone());
                     events.push(AccountEvent::Disabled { reason });
@@ -736,7 +775,7 @@ impl Account {
                     _ => None,
                 };
                 if let Some(backoff) = open {
-                    let until = now + backoff;
+                    let until = now.saturating_add(backoff);
                     self.circuit = Circuit::Open { until, backoff };
                     events.push(AccountEvent::Cooldown {
                         until,
@@ -755,7 +794,7 @@ impl Account {
             (self.header_tokens, h.tokens_remaining, h.tokens_reset_ms),
         ] {
             if let (Some(i), Some(remaining), Some(reset)) = (target, remaining, reset) {
-                self.windows[i].tighten(remaining, now + reset, now);
+                self.windows[i].tighten(remaining, now.saturating_add(reset), now);
             }
         }
         self.touch();
@@ -788,6 +827,7 @@ impl Account {
             w.clear(now);
         }
         self.cooldown_until = 0;
+        self.model_cooldowns.clear();
         self.circuit = Circuit::Closed;
         self.failures = 0;
         self.consecutive_429 = 0;
@@ -820,6 +860,7 @@ impl Account {
             next.quota.reserve(r.estimate);
         }
         next.cooldown_until = self.cooldown_until;
+        next.model_cooldowns = std::mem::take(&mut self.model_cooldowns);
         next.circuit = self.circuit;
         next.failures = self.failures;
         next.consecutive_429 = self.consecutive_429;
@@ -945,6 +986,11 @@ impl Account {
                 .collect(),
             peak_requests: self.peak.peak_requests,
             peak_tokens: self.peak.peak_tokens,
+            model_cooldowns: self
+                .model_cooldowns
+                .iter()
+                .map(|(m, until)| (m.to_string(), *until))
+                .collect(),
         }
     }
 
@@ -960,6 +1006,12 @@ impl Account {
             }
         }
         self.cooldown_until = saved.cooldown_until;
+        self.model_cooldowns = saved
+            .model_cooldowns
+            .iter()
+            .filter(|(_, until)| now < *until)
+            .map(|(m, until)| (Arc::from(m.as_str()), *until))
+            .collect();
         self.circuit = saved.circuit.unwrap_or(Circuit::Closed);
         self.failures = saved.failures;
         self.peak.peak_requests = saved.peak_requests;

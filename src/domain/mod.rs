@@ -11,6 +11,7 @@ pub mod refusal;
 pub mod schedule;
 pub mod selection;
 pub mod time;
+pub mod upstream_timing;
 pub mod window;
 
 pub mod estimate;

@@ -397,6 +397,7 @@ fn when_several_limits_hold_the_latest_one_names_the_retry_time() {
         &mut a,
         UpstreamOutcome::RateLimited {
             retry_after_ms: Some(100_000),
+            capped: false,
         },
         T0 + 1,
     );
@@ -700,6 +701,7 @@ fn an_upstream_429_cools_the_account_down_for_its_retry_after() {
         &mut a,
         UpstreamOutcome::RateLimited {
             retry_after_ms: Some(7_000),
+            capped: false,
         },
         T0,
     );
@@ -724,6 +726,7 @@ fn a_429_without_retry_after_uses_the_reset_header_or_a_doubling_default() {
     let fb = Feedback {
         outcome: UpstreamOutcome::RateLimited {
             retry_after_ms: None,
+            capped: false,
         },
         latency_ms: 0,
         headers: RateHeaders {
@@ -738,24 +741,25 @@ fn a_429_without_retry_after_uses_the_reset_header_or_a_doubling_default() {
     let mut b = open(&spec(vec![]));
     let limited = UpstreamOutcome::RateLimited {
         retry_after_ms: None,
+        capped: false,
     };
     let until = |events: Vec<AccountEvent>| match events[..] {
         [AccountEvent::Cooldown { until, .. }] => until,
         _ => panic!("expected one cooldown, got {events:?}"),
     };
     assert_eq!(
-        until(feedback(&mut b, limited, T0)),
+        until(feedback(&mut b, limited.clone(), T0)),
         T0 + DEFAULT_COOLDOWN_MS
     );
     let t1 = T0 + DEFAULT_COOLDOWN_MS;
     assert_eq!(
-        until(feedback(&mut b, limited, t1)),
+        until(feedback(&mut b, limited.clone(), t1)),
         t1 + 2 * DEFAULT_COOLDOWN_MS
     );
     feedback(&mut b, UpstreamOutcome::Success, t1 + 1);
     let t2 = t1 + 10 * DEFAULT_COOLDOWN_MS;
     assert_eq!(
-        until(feedback(&mut b, limited, t2)),
+        until(feedback(&mut b, limited.clone(), t2)),
         t2 + DEFAULT_COOLDOWN_MS,
         "a success resets the doubling"
     );
@@ -853,7 +857,7 @@ fn an_upstream_401_disables_the_account_once_and_refuses_from_then_on() {
     let mut a = open(&spec(vec![]));
     let id = granted(&mut a, M, 1, T0);
     let events = feedback(&mut a, UpstreamOutcome::Unauthorized, T0 + 1);
-    let reason = "upstream rejected the key (401/403)".to_string();
+    let reason = "upstream rejected the key (401)".to_string();
     assert_eq!(
         events,
         vec![AccountEvent::Disabled {
@@ -872,6 +876,110 @@ fn an_upstream_401_disables_the_account_once_and_refuses_from_then_on() {
     assert!(!a.summary(T0 + 3).available);
     commit(&mut a, id, Usage::RequestOnly, T0 + 4);
     assert_eq!(a.inflight(), 0, "in-flight work still settles");
+}
+
+#[test]
+fn an_upstream_403_cools_the_account_down_for_that_model_only() {
+    let mut a = open(&spec(vec![]));
+    let forbidden = UpstreamOutcome::Forbidden {
+        model: Arc::from(M),
+        cooldown_ms: 600_000,
+    };
+    let events = feedback(&mut a, forbidden, T0);
+    assert_eq!(
+        events,
+        vec![AccountEvent::Cooldown {
+            until: T0 + 600_000,
+            reason: "upstream_403"
+        }]
+    );
+    assert!(a.is_active(), "a 403 never disables");
+    assert_eq!(
+        reserve(&mut a, M, 1, T0 + 1),
+        Err(rate_limited(Arc::from("model_cooldown"), T0 + 600_000, false))
+    );
+    granted(&mut a, "other-model", 1, T0 + 1);
+    assert!(a.summary(T0 + 1).available, "the account serves other models");
+
+    // Persisted, and restored while it lasts.
+    let saved = a.state(T0 + 2);
+    let mut b = open(&spec(vec![]));
+    b.restore(&saved, T0 + 3, None);
+    assert!(reserve(&mut b, M, 1, T0 + 4).is_err());
+    granted(&mut b, M, 1, T0 + 600_000);
+    let mut c = open(&spec(vec![]));
+    c.restore(&saved, T0 + 600_000, None);
+    assert!(c.state(T0 + 600_000).model_cooldowns.is_empty(), "lapsed ones are dropped");
+
+    // An operator's reset lifts it.
+    a.reset(T0 + 5, &mut Vec::new());
+    granted(&mut a, M, 1, T0 + 6);
+}
+
+#[test]
+fn no_feedback_value_can_overflow_and_lose_the_commit_of_the_same_message() {
+    let mut s = spec(vec![named(NamedLimit::Rpm, 10)]);
+    s.header_requests = Some(NamedLimit::Rpm);
+    let mut a = open(&s);
+    let id = granted(&mut a, M, 1, T0);
+    // What the actor does for one `Commit` message: commit, then feedback.
+    commit(&mut a, id, Usage::Reported(1), T0 + 1);
+    for outcome in [
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(Millis::MAX),
+            capped: false,
+        },
+        UpstreamOutcome::Forbidden {
+            model: Arc::from(M),
+            cooldown_ms: Millis::MAX,
+        },
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(Millis::MIN),
+            capped: false,
+        },
+    ] {
+        let fb = Feedback {
+            outcome,
+            latency_ms: u64::MAX,
+            headers: RateHeaders {
+                requests_remaining: Some(0),
+                requests_reset_ms: Some(Millis::MAX),
+                ..RateHeaders::default()
+            },
+        };
+        a.feedback(&fb, T0 + 2, &mut Vec::new());
+    }
+    for _ in 0..100 {
+        feedback(
+            &mut a,
+            UpstreamOutcome::RateLimited {
+                retry_after_ms: None,
+                capped: false,
+            },
+            T0 + 3,
+        );
+    }
+    assert_eq!(used(&a, "rpm"), 1, "the commit stands");
+}
+
+#[test]
+fn a_capped_wait_says_so_in_its_cooldown_event() {
+    let mut a = open(&spec(vec![]));
+    let events = feedback(
+        &mut a,
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(3_600_000),
+            capped: true,
+        },
+        T0,
+    );
+    assert_eq!(
+        events,
+        vec![AccountEvent::Cooldown {
+            until: T0 + 3_600_000,
+            reason: "upstream_429_capped"
+        }]
+    );
 }
 
 #[test]
