@@ -157,15 +157,18 @@ async fn healthz() -> HttpResponse {
 #[derive(Debug, Serialize)]
 struct Readiness {
     ready: bool,
-    database: String,
-    redis: String,
+    /// `ok` or `unhealthy`.
+    database: &'static str,
+    /// `ok`, `unhealthy` or `disabled`.
+    redis: &'static str,
     /// Pools and accounts loaded in the actor runtime.
     pools: usize,
     accounts: usize,
 }
 
 /// Ready when the database answers; Redis is reported but does not make the gateway unready
-/// (it degrades to memory-only state).
+/// (it degrades to memory-only state). The route needs no token, so it says only healthy or
+/// unhealthy per dependency: what went wrong (hosts, users, database names) goes to the log.
 #[utoipa::path(
     tag = "operations",
     responses(
@@ -178,24 +181,28 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let store = state.store.clone();
     let database = match tokio::time::timeout(PROBE_TIMEOUT, web::block(move || store.ping())).await
     {
-        Ok(Ok(Ok(()))) => "ok".to_string(),
-        Ok(Ok(Err(e))) => format!("error: {e}"),
-        Ok(Err(e)) => format!("error: {e}"),
-        Err(_) => format!("error: no answer within {PROBE_TIMEOUT:?}"),
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
     };
     let redis = match &state.redis {
-        None => "disabled".to_string(),
-        Some(client) => match crate::sync::ping(client, PROBE_TIMEOUT).await {
-            Ok(()) => "ok".to_string(),
-            Err(problem) => format!("down: {problem}"),
-        },
+        None => None,
+        Some(client) => Some(crate::sync::ping(client, PROBE_TIMEOUT).await),
     };
-    let ready = database == "ok";
+    if let Err(problem) = &database {
+        log::warn!(event = "readiness_failed", target = "database"; "readiness probe: the database does not answer: {problem}");
+    }
+    if let Some(Err(problem)) = &redis {
+        log::warn!(event = "readiness_failed", target = "redis"; "readiness probe: Redis does not answer: {problem}");
+    }
+    let health = |ok: bool| if ok { "ok" } else { "unhealthy" };
+    let ready = database.is_ok();
     let registry = state.runtime.registry();
     let body = Readiness {
         ready,
-        database,
-        redis,
+        database: health(ready),
+        redis: redis.map_or("disabled", |r| health(r.is_ok())),
         pools: registry.providers().len(),
         accounts: registry.accounts().len(),
     };

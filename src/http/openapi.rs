@@ -223,9 +223,9 @@ pub mod operations {
     #[derive(ToSchema)]
     pub struct Readiness {
         ready: bool,
-        /// `ok` or `error: …`.
+        /// `ok` or `unhealthy` (details only in the log).
         database: String,
-        /// `ok`, `disabled` or `down: …`.
+        /// `ok`, `unhealthy` or `disabled` (details only in the log).
         redis: String,
         pools: usize,
         accounts: usize,
