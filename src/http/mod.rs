@@ -9,6 +9,7 @@ pub mod openai;
 pub mod openapi;
 pub mod proxy;
 pub mod stats;
+pub mod throttle;
 pub mod upstream;
 
 use std::time::Duration;
