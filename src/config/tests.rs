@@ -668,6 +668,21 @@ fn upstream_cooldown_caps_default_to_an_hour_and_ten_minutes_and_must_be_positiv
 }
 
 #[test]
+fn a_name_holding_a_nul_is_refused() {
+    assert_refused(
+        "providers:\n  - { name: \"p\\0\", base_url: \"https://a.test\" }\n",
+        "providers[0].name",
+        "NUL",
+    );
+    assert_refused(&provider("models: [ \"m\\0\" ]"), "providers[0].models[0].name", "NUL");
+    assert_refused(
+        &provider("accounts: [ { name: \"a\\0\", api_key: k } ]"),
+        "providers[0].accounts[0].name",
+        "NUL",
+    );
+}
+
+#[test]
 fn duplicate_names_are_refused() {
     let yaml = "providers:\n  - { name: p, base_url: \"https://a.test\" }\n  - { name: p, base_url: \"https://b.test\" }\n";
     assert_refused(yaml, "providers[1].name", "duplicate provider name `p`");

@@ -277,6 +277,9 @@ fn fixed_reset(at: &str, reset: Option<&str>, tz: Option<&str>) -> Result<(), Is
 fn name(key: &str, name: &str) -> Result<(), Issue> {
     if name.trim().is_empty() {
         Err(Issue::new(key, "must not be empty"))
+    } else if name.contains('\0') {
+        // Postgres refuses it in text: provisioning would fail on the first write.
+        Err(Issue::new(key, "must not contain a NUL character"))
     } else {
         Ok(())
     }

@@ -243,6 +243,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(what) => ApiError::Conflict(format!("{what} already exists")),
             StoreError::Invalid(message) => ApiError::invalid(message, None),
+            // The last line of defence: every entry point refuses NUL before the store.
+            e if crate::store::is_nul_refusal(&e) => {
+                ApiError::invalid("text must not contain a NUL character", None)
+            }
             e if e.is_transient() => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }

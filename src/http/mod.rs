@@ -51,6 +51,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // its `x-request-id`.
     cfg.service(
         web::scope("")
+            .wrap(actix_web::middleware::from_fn(refuse_nul))
             .wrap(actix_web::middleware::from_fn(request_id))
             .configure(routes)
             .default_service(web::to(unknown_route)),
@@ -61,6 +62,31 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn unknown_route(req: actix_web::HttpRequest) -> HttpResponse {
     use actix_web::ResponseError as _;
     error::ApiError::NotFound(format!("no route {} {}", req.method(), req.path())).error_response()
+}
+
+/// Refuses a URL holding an encoded NUL (`%00`) before any handler sees it: no id, name or query
+/// value can hold one, and Postgres refuses it in text (a lookup would fail as a 500 instead of
+/// finding nothing). A raw NUL cannot reach here: the HTTP parser refuses it.
+async fn refuse_nul(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<
+    actix_web::dev::ServiceResponse<
+        actix_web::body::EitherBody<impl actix_web::body::MessageBody>,
+    >,
+    actix_web::Error,
+> {
+    use actix_web::ResponseError as _;
+    let url = req.uri().path_and_query().map_or("", |p| p.as_str());
+    if url.as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00")) {
+        let refusal = error::ApiError::invalid(
+            "the URL holds a NUL character (%00), which no id, name or parameter may contain",
+            None,
+        )
+        .error_response();
+        return Ok(req.into_response(refusal).map_into_right_body());
+    }
+    next.call(req).await.map(|r| r.map_into_left_body())
 }
 
 /// The id of a request: the client's `x-request-id` when it sent a usable one, else a new uuid.
