@@ -232,7 +232,10 @@ async fn a_nul_in_an_id_or_a_query_of_any_path_is_a_400_never_a_500(db: Db) {
     let get = Method::GET;
     for (method, path) in [
         (get.clone(), "/api/v1/stats/errors/%00"),
-        (get.clone(), "/api/v1/stats/providers/p%00?from=2026-01-01T00:00:00Z"),
+        (
+            get.clone(),
+            "/api/v1/stats/providers/p%00?from=2026-01-01T00:00:00Z",
+        ),
         (get.clone(), "/api/v1/stats/pool/%00"),
         (get.clone(), "/api/v1/stats/quota/p%2Fa%001"),
         (get.clone(), "/api/v1/stats/ratelimit/%00"),
@@ -294,12 +297,28 @@ async fn a_nul_in_an_admin_body_is_refused_by_name(db: Db) {
         ),
     ];
     for (method, path, body, param) in cases {
-        let r = call(&app, method.clone(), path, Some(ADMIN), Some(&body.to_string()), None).await;
+        let r = call(
+            &app,
+            method.clone(),
+            path,
+            Some(ADMIN),
+            Some(&body.to_string()),
+            None,
+        )
+        .await;
         assert_invalid(&r, &format!("{method} {path} {body}"));
         assert_eq!(r.json()["error"]["param"], param, "{r}");
     }
     // Nothing was written.
-    let r = call(&app, Method::GET, "/api/v1/admin/providers", Some(ADMIN), None, None).await;
+    let r = call(
+        &app,
+        Method::GET,
+        "/api/v1/admin/providers",
+        Some(ADMIN),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(r.json().as_array().unwrap().len(), 1, "{r}");
 }
 
@@ -367,10 +386,7 @@ async fn an_upstream_error_message_holding_a_nul_keeps_its_request_log_row(db: D
     assert_eq!(rows.len(), 2, "{rows:?}");
     let failed = rows.iter().find(|r| r.status_code == 502).unwrap();
     let message = failed.error_message.as_deref().unwrap();
-    assert!(
-        message.contains("upstream broke\u{FFFD}here"),
-        "{message}"
-    );
+    assert!(message.contains("upstream broke\u{FFFD}here"), "{message}");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -380,13 +396,24 @@ async fn an_upstream_error_message_holding_a_nul_keeps_its_request_log_row(db: D
 #[actix_rt::test]
 async fn readyz_reports_redis_unhealthy_without_its_address() {
     let port = common::free_port();
-    let h = Harness::start(Db::Sqlite, "http://127.0.0.1:9/v1", &format!("127.0.0.1:{port}")).await;
+    let h = Harness::start(
+        Db::Sqlite,
+        "http://127.0.0.1:9/v1",
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
     let app = app!(h);
     let r = call(&app, Method::GET, "/readyz", None, None, None).await;
-    assert_eq!(r.status, 200, "Redis down degrades, it does not make unready: {r}");
+    assert_eq!(
+        r.status, 200,
+        "Redis down degrades, it does not make unready: {r}"
+    );
     assert_eq!(r.json()["database"], "ok");
     assert_eq!(r.json()["redis"], "unhealthy");
-    assert!(!r.body.contains("127.0.0.1") && !r.body.contains(&port.to_string()), "{r}");
+    assert!(
+        !r.body.contains("127.0.0.1") && !r.body.contains(&port.to_string()),
+        "{r}"
+    );
 }
 
 #[actix_rt::test]
@@ -406,7 +433,13 @@ async fn readyz_reports_the_database_unhealthy_without_host_user_or_database_nam
     assert_eq!(down.status, 503, "{down}");
     assert_eq!(down.json()["database"], "unhealthy");
     assert_eq!(down.json()["ready"], false);
-    for detail in ["127.0.0.1", &pg.port().to_string(), "postgres", "connect", "error"] {
+    for detail in [
+        "127.0.0.1",
+        &pg.port().to_string(),
+        "postgres",
+        "connect",
+        "error",
+    ] {
         assert!(!down.body.contains(detail), "`{detail}` in {down}");
     }
 }
@@ -439,7 +472,10 @@ fn a_short_configured_admin_token_is_refused_at_start() {
     assert_eq!(lines.len(), 1, "one line: {stderr}");
     assert!(lines[0].contains("security.admin_token"), "{stderr}");
     assert!(lines[0].contains("at least 32"), "{stderr}");
-    assert!(!stderr.contains("letmein"), "the token is not shown: {stderr}");
+    assert!(
+        !stderr.contains("letmein"),
+        "the token is not shown: {stderr}"
+    );
 }
 
 #[actix_rt::test]
@@ -450,7 +486,15 @@ async fn failed_admin_attempts_are_throttled_per_address() {
     let operator: SocketAddr = "10.9.9.9:40000".parse().unwrap();
     let path = "/api/v1/admin/providers";
     for i in 0..quotagate::http::throttle::LIMIT {
-        let r = call(&app, Method::GET, path, Some(&format!("wrong-{i}")), None, Some(attacker)).await;
+        let r = call(
+            &app,
+            Method::GET,
+            path,
+            Some(&format!("wrong-{i}")),
+            None,
+            Some(attacker),
+        )
+        .await;
         assert_eq!(r.status, 401, "attempt {i}: {r}");
     }
     // Locked out now, the right token included, on every admin and stats route.
@@ -469,7 +513,15 @@ async fn failed_admin_attempts_are_throttled_per_address() {
     // Another address is not locked out, and neither are client keys on the client API.
     let r = call(&app, Method::GET, path, Some(ADMIN), None, Some(operator)).await;
     assert_eq!(r.status, 200, "{r}");
-    let r = call(&app, Method::GET, "/v1/models", Some(&h.client_key), None, Some(attacker)).await;
+    let r = call(
+        &app,
+        Method::GET,
+        "/v1/models",
+        Some(&h.client_key),
+        None,
+        Some(attacker),
+    )
+    .await;
     assert_eq!(r.status, 200, "{r}");
     // A client key reading its own usage is not a failed admin attempt.
     for _ in 0..quotagate::http::throttle::LIMIT + 2 {

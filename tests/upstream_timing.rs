@@ -28,7 +28,10 @@ fn provider(name: &str, base_url: &str, settings: &[&str], keys: &[&str]) -> Str
     }
     yaml.push_str("    accounts:\n");
     for (i, key) in keys.iter().enumerate() {
-        yaml.push_str(&format!("      - {{ name: a{}, api_key: \"{key}\" }}\n", i + 1));
+        yaml.push_str(&format!(
+            "      - {{ name: a{}, api_key: \"{key}\" }}\n",
+            i + 1
+        ));
     }
     yaml
 }
@@ -148,10 +151,17 @@ async fn retry_after_ms_alone_cools_down_for_its_milliseconds() {
     let started = Instant::now();
     let first = chat(&http, &gw, MOCK_MODEL).await;
     assert_between(retry_after(&first), 1.35, 1.5, "1.5 s");
-    assert_eq!(first.header("retry-after"), Some("2"), "whole seconds, rounded up");
+    assert_eq!(
+        first.header("retry-after"),
+        Some("2"),
+        "whole seconds, rounded up"
+    );
     actix_rt::time::sleep(Duration::from_millis(1150).saturating_sub(started.elapsed())).await;
     let still = chat(&http, &gw, MOCK_MODEL).await;
-    assert_eq!(still.status, 429, "1.15 s later: still cooling down: {still}");
+    assert_eq!(
+        still.status, 429,
+        "1.15 s later: still cooling down: {still}"
+    );
     assert_eq!(mock.stats(&k).requests, 1);
     actix_rt::time::sleep(Duration::from_millis(1600).saturating_sub(started.elapsed())).await;
     assert_eq!(chat(&http, &gw, MOCK_MODEL).await.status, 200);
@@ -203,6 +213,9 @@ async fn a_capped_cooldown_ends_at_max_cooldown() {
 // §1: one test per form (each provider `pN` has one account that answers one 429)
 // ------------------------------------------------------------------------------------------------
 
+/// One 429 to answer: its headers and body, and the `retry_after` expected (low, high).
+type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, f64, f64);
+
 #[actix_rt::test]
 async fn every_form_of_wait_real_providers_send_sets_the_cooldown() {
     let in_20s = chrono::DateTime::from_timestamp_millis(now_ms() + 20_000)
@@ -212,7 +225,7 @@ async fn every_form_of_wait_real_providers_send_sets_the_cooldown() {
     let gemini = r#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"30s"}]}}"#;
     let date_in_12s = http_date(12);
     // (headers, body, expected seconds: low, high)
-    let cases: Vec<(Vec<(&str, &str)>, &str, f64, f64)> = vec![
+    let cases: Vec<Case> = vec![
         (vec![("retry-after", "7")], ERROR_429, 6.8, 7.0),
         (vec![("retry-after", "2.5")], ERROR_429, 2.3, 2.5),
         (vec![("retry-after", &date_in_12s)], ERROR_429, 10.5, 12.0),
@@ -423,19 +436,25 @@ async fn the_gateways_refusals_carry_message_type_param_and_code() {
             Some(b"{not json"),
         )
         .await;
-    let no_key = http
-        .get(&format!("{}/v1/models", gw.url()), None)
-        .await;
+    let no_key = http.get(&format!("{}/v1/models", gw.url()), None).await;
     let no_route = http
-        .get(&format!("{}/v1/no-such-route", gw.url()), Some(gw.client_key()))
+        .get(
+            &format!("{}/v1/no-such-route", gw.url()),
+            Some(gw.client_key()),
+        )
         .await;
     for r in [&cooldown, &unknown_model, &bad_body, &no_key, &no_route] {
         let error = r.json()["error"].clone();
-        let fields = error.as_object().unwrap_or_else(|| panic!("no envelope: {r}"));
+        let fields = error
+            .as_object()
+            .unwrap_or_else(|| panic!("no envelope: {r}"));
         for field in ["message", "type", "param", "code"] {
             assert!(fields.contains_key(field), "`{field}` missing: {r}");
         }
-        assert!(error["param"].is_null() || error["param"].is_string(), "{r}");
+        assert!(
+            error["param"].is_null() || error["param"].is_string(),
+            "{r}"
+        );
         assert!(!r.text().contains("\"None\""), "{r}");
     }
     assert_eq!(cooldown.json()["error"]["param"], Value::Null);
@@ -468,7 +487,12 @@ async fn quota_exceeded_carries_a_retry_after_header_with_the_seconds_to_reset_a
         .unwrap_or_else(|| panic!("no Retry-After: {r}"))
         .parse()
         .unwrap();
-    assert_between(header, expected - 2.0, expected + 2.0, "seconds to reset_at");
+    assert_between(
+        header,
+        expected - 2.0,
+        expected + 2.0,
+        "seconds to reset_at",
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -538,7 +562,10 @@ async fn a_403_cooldown_lasts_forbidden_cooldown() {
     let http = Http::new();
     mock.behave_times(&k, Behavior::Status(403), 1);
     let first = chat(&http, &gw, MOCK_MODEL).await;
-    assert_eq!(first.status, 403, "no other account: the upstream's 403 as it is: {first}");
+    assert_eq!(
+        first.status, 403,
+        "no other account: the upstream's 403 as it is: {first}"
+    );
     assert_eq!(first.json()["error"]["message"], "mock answers 403");
     let held = chat(&http, &gw, MOCK_MODEL).await;
     assert_between(retry_after(&held), 0.5, 1.0, "forbidden_cooldown: 1s");
@@ -573,7 +600,10 @@ async fn only_a_401_disables_with_an_event_and_an_audit_row() {
         if row.active.starts_with("no") {
             break;
         }
-        assert!(Instant::now() < deadline, "a1 is stored as inactive: {row:?}");
+        assert!(
+            Instant::now() < deadline,
+            "a1 is stored as inactive: {row:?}"
+        );
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
     let audit = eventually_audit(&gw, &id1).await;
@@ -593,9 +623,13 @@ async fn eventually_audit(gw: &TestGateway, account_id: &str) -> String {
     .expect("the gateway's SQLite file");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let rows = quotagate::store::audit::list_for_account(&mut store.conn().unwrap(), account_id)
-            .unwrap();
-        let text: Vec<String> = rows.iter().map(|r| format!("{} {}", r.action, r.reason)).collect();
+        let rows =
+            quotagate::store::audit::list_for_account(&mut store.conn().unwrap(), account_id)
+                .unwrap();
+        let text: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} {}", r.action, r.reason))
+            .collect();
         if rows.iter().any(|r| r.action == "disable") || Instant::now() > deadline {
             return text.join("; ");
         }
@@ -618,7 +652,10 @@ async fn one_request_takes_at_most_one_account_out() {
             mock.behave(k, Behavior::Status(status));
         }
         let r = chat(&http, &gw, MOCK_MODEL).await;
-        assert_eq!(r.status, status, "the second {status} goes back as it is: {r}");
+        assert_eq!(
+            r.status, status,
+            "the second {status} goes back as it is: {r}"
+        );
         assert_eq!(
             r.json()["error"]["message"],
             format!("mock answers {status}")

@@ -644,7 +644,10 @@ fn a_short_configured_admin_token_is_refused_without_showing_it() {
     let long = "0123456789abcdef".repeat(2);
     let config = load(&format!("security: {{ admin_token: \"{long}\" }}\n"));
     assert_eq!(config.security.admin_token.expose(), long);
-    assert!(load("").security.admin_token.is_empty(), "empty: one is generated");
+    assert!(
+        load("").security.admin_token.is_empty(),
+        "empty: one is generated"
+    );
 }
 
 #[test]
@@ -674,7 +677,11 @@ fn a_name_holding_a_nul_is_refused() {
         "providers[0].name",
         "NUL",
     );
-    assert_refused(&provider("models: [ \"m\\0\" ]"), "providers[0].models[0].name", "NUL");
+    assert_refused(
+        &provider("models: [ \"m\\0\" ]"),
+        "providers[0].models[0].name",
+        "NUL",
+    );
     assert_refused(
         &provider("accounts: [ { name: \"a\\0\", api_key: k } ]"),
         "providers[0].accounts[0].name",

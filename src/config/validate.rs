@@ -45,7 +45,10 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
         config.upstream.stream_idle_timeout,
     )?;
     positive("upstream.max_cooldown", config.upstream.max_cooldown)?;
-    positive("upstream.forbidden_cooldown", config.upstream.forbidden_cooldown)?;
+    positive(
+        "upstream.forbidden_cooldown",
+        config.upstream.forbidden_cooldown,
+    )?;
 
     let threshold = config.quota.warning_threshold;
     check(

@@ -77,7 +77,10 @@ pub fn wait_after_429<'h>(
         ("body.retryDelay", gemini_retry_delay(body)),
     ];
     for (reset, remaining) in [
-        ("x-ratelimit-reset-requests", "x-ratelimit-remaining-requests"),
+        (
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-remaining-requests",
+        ),
         ("x-ratelimit-reset-tokens", "x-ratelimit-remaining-tokens"),
     ] {
         if !room_left(remaining) {
@@ -304,7 +307,12 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
             .collect();
-        wait_after_429(|name| map.get(name).map(String::as_str), body.as_bytes(), NOW, HOUR)
+        wait_after_429(
+            |name| map.get(name).map(String::as_str),
+            body.as_bytes(),
+            NOW,
+            HOUR,
+        )
     }
 
     fn ms(headers: &[(&str, &str)]) -> Option<Millis> {
@@ -337,7 +345,10 @@ mod tests {
     #[test]
     fn an_http_date_in_the_past_or_a_zero_says_nothing_usable() {
         // The caller's short default applies: never a 1 ms cooldown and a hot loop.
-        assert_eq!(ms(&[("retry-after", "Sat, 28 Nov 2026 11:59:50 GMT")]), None);
+        assert_eq!(
+            ms(&[("retry-after", "Sat, 28 Nov 2026 11:59:50 GMT")]),
+            None
+        );
         assert_eq!(ms(&[("retry-after", "0")]), None);
         assert_eq!(ms(&[("retry-after-ms", "0")]), None);
     }
@@ -404,7 +415,10 @@ mod tests {
             &[
                 ("anthropic-ratelimit-requests-remaining", "0"),
                 ("anthropic-ratelimit-requests-reset", "2026-11-28T12:00:20Z"),
-                ("anthropic-ratelimit-output-tokens-reset", "2026-11-28T12:00:40+00:00"),
+                (
+                    "anthropic-ratelimit-output-tokens-reset",
+                    "2026-11-28T12:00:40+00:00",
+                ),
                 ("anthropic-ratelimit-tokens-remaining", "5000"),
                 ("anthropic-ratelimit-tokens-reset", "2026-11-28T12:05:00Z"),
             ],

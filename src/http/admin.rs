@@ -1089,7 +1089,9 @@ fn nul_at(value: &Value, at: &str) -> Option<String> {
         }
     };
     match value {
-        Value::String(s) if s.contains('\0') => Some(if at.is_empty() { ".".into() } else { at.into() }),
+        Value::String(s) if s.contains('\0') => {
+            Some(if at.is_empty() { ".".into() } else { at.into() })
+        }
         Value::Array(items) => items
             .iter()
             .enumerate()

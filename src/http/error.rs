@@ -414,16 +414,18 @@ mod tests {
 
     #[test]
     fn quota_exceeded_says_when_to_retry_in_whole_seconds_to_the_reset() {
-        let verdict = Verdict::QuotaExceeded {
-            reset_at: 100_500,
-        };
+        let verdict = Verdict::QuotaExceeded { reset_at: 100_500 };
         let e = ApiError::from_verdict(&verdict, 10_000, "messages");
         let response = e.error_response();
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers().get("retry-after").unwrap(), "91");
         let at_reset = ApiError::from_verdict(&verdict, 100_500, "messages");
         assert_eq!(
-            at_reset.error_response().headers().get("retry-after").unwrap(),
+            at_reset
+                .error_response()
+                .headers()
+                .get("retry-after")
+                .unwrap(),
             "0"
         );
     }

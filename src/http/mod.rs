@@ -71,14 +71,16 @@ async fn refuse_nul(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
 ) -> Result<
-    actix_web::dev::ServiceResponse<
-        actix_web::body::EitherBody<impl actix_web::body::MessageBody>,
-    >,
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
     actix_web::Error,
 > {
     use actix_web::ResponseError as _;
     let url = req.uri().path_and_query().map_or("", |p| p.as_str());
-    if url.as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00")) {
+    if url
+        .as_bytes()
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    {
         let refusal = error::ApiError::invalid(
             "the URL holds a NUL character (%00), which no id, name or parameter may contain",
             None,

@@ -110,7 +110,10 @@ mod tests {
         assert_eq!(h.tokens_remaining, Some(5_900));
         assert_eq!(h.tokens_reset_ms, Some(3_600_000));
         let garbage = rate_headers(
-            &headers(&[("x-ratelimit-reset-requests", "-1s"), ("x-ratelimit-reset-tokens", "1e300")]),
+            &headers(&[
+                ("x-ratelimit-reset-requests", "-1s"),
+                ("x-ratelimit-reset-tokens", "1e300"),
+            ]),
             0,
             HOUR,
         );

@@ -1134,7 +1134,11 @@ async fn write_raw(
         .iter()
         .find(|(n, _)| is_type(n))
         .map_or("application/json", |(_, v)| v.as_str());
-    let rest: Vec<(String, String)> = headers.iter().filter(|(n, _)| !is_type(n)).cloned().collect();
+    let rest: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(n, _)| !is_type(n))
+        .cloned()
+        .collect();
     let mut out = head(status, content_type, &rest, Some(body.len()));
     out.push_str(body);
     stream.write_all(out.as_bytes()).await
