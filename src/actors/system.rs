@@ -26,6 +26,7 @@ use crate::domain::account::{AccountEvent, AccountState, Denial, Grant, QuotaSta
 use crate::domain::refusal::{Refusals, Verdict};
 use crate::domain::time::SharedClock;
 use crate::metrics::Metrics;
+use crate::sync::mark::AdmissionGate;
 
 /// How the runtime is built.
 #[derive(Clone)]
@@ -83,6 +84,8 @@ pub struct QuotaSystem {
     own_system: Option<actix::System>,
     /// Leases handed out and not yet settled.
     outstanding: Outstanding,
+    /// Every admission passes the crash mark's gate, once the server has set one.
+    gate: Arc<std::sync::OnceLock<AdmissionGate>>,
 }
 
 impl std::fmt::Debug for QuotaSystem {
@@ -139,6 +142,7 @@ impl QuotaSystem {
             clock: settings.clock,
             own_system: None,
             outstanding: Outstanding::default(),
+            gate: Arc::default(),
         })
     }
 
@@ -187,6 +191,20 @@ impl QuotaSystem {
         self.outstanding.count()
     }
 
+    /// Makes every admission from now on pass `gate` (the crash mark); set once, by the server.
+    pub fn set_admission_gate(&self, gate: AdmissionGate) {
+        let _ = self.gate.set(gate);
+    }
+
+    pub fn admission_gate(&self) -> Option<&AdmissionGate> {
+        self.gate.get()
+    }
+
+    /// Leases handed out whose settling message is not yet queued.
+    pub fn leases_out(&self) -> usize {
+        self.outstanding.count()
+    }
+
     pub fn registry(&self) -> Arc<Registry> {
         registry::read(&self.registry)
     }
@@ -232,6 +250,11 @@ impl QuotaSystem {
         estimate: impl Fn(&ProviderSpec) -> u64,
         exclude: &[Arc<str>],
     ) -> Result<Lease, AcquireError> {
+        // Held until the reservation exists, so the crash mark never says idle while one is made.
+        let _pass = match self.gate.get() {
+            Some(gate) => Some(gate.pass().await),
+            None => None,
+        };
         let registry = self.registry();
         let routes = registry.route(model);
         if routes.is_empty() {
@@ -313,6 +336,10 @@ impl QuotaSystem {
         model: &str,
         tokens: u64,
     ) -> Result<QuotaStatus, QueryError> {
+        let _pass = match self.gate.get() {
+            Some(gate) => Some(gate.pass().await),
+            None => None,
+        };
         let addr = self.registry().account(account)?.addr.clone();
         addr.send(ConsumeQuota {
             model: Arc::from(model),

@@ -113,7 +113,10 @@ pub enum UpstreamOutcome {
     Unauthorized,
     /// 403 (a model not enabled for this key, a region, a policy): the account stays away from
     /// `model` for `cooldown_ms` (`upstream.forbidden_cooldown`), and keeps serving other models.
-    Forbidden { model: Arc<str>, cooldown_ms: Millis },
+    Forbidden {
+        model: Arc<str>,
+        cooldown_ms: Millis,
+    },
     /// 5xx, connection error, timeout.
     Failure,
 }
@@ -234,6 +237,21 @@ pub struct Summary {
     pub inflight: u64,
 }
 
+/// What a start found of an account's saved state. Set by the restore, never persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SavedCopy {
+    /// A readable copy: its counters are restored.
+    #[default]
+    Read,
+    /// No copy at all (an account created, or never synced, since the last complete copy):
+    /// nothing to restore; the crash gap, if any, is charged.
+    Missing,
+    /// A copy that could not be read: what it held is unknown, so every window is charged full.
+    /// The state's `version` is the unreadable copy's, so that the restored account's next
+    /// writes are newer than it (a store refuses a write with a lower version).
+    Unreadable,
+}
+
 /// The persisted state of an account (JSON in `account_state` and Redis).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AccountState {
@@ -254,6 +272,46 @@ pub struct AccountState {
     /// Models this account must not be sent until a time (after an upstream 403).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub model_cooldowns: Vec<(String, Millis)>,
+    /// How this state was found at start (not persisted).
+    #[serde(skip)]
+    pub copy: SavedCopy,
+}
+
+impl AccountState {
+    /// The stand-in for an account with no saved copy.
+    pub fn missing() -> AccountState {
+        AccountState {
+            copy: SavedCopy::Missing,
+            ..AccountState::default()
+        }
+    }
+
+    /// The stand-in for a copy that could not be read, stored at `version`.
+    pub fn unreadable(version: u64) -> AccountState {
+        AccountState {
+            version,
+            copy: SavedCopy::Unreadable,
+            ..AccountState::default()
+        }
+    }
+}
+
+/// The saved counters of the window labelled `label`, or of the same limit with the other expiry
+/// (`rpd` and `rpd:fixed`): an operator turning a sliding limit into a fixed one keeps its
+/// counters.
+fn saved_window<'a>(
+    saved: &'a [(String, WindowCounters)],
+    label: &str,
+) -> Option<&'a WindowCounters> {
+    let other = match label.strip_suffix(":fixed") {
+        Some(sliding) => sliding.to_string(),
+        None => format!("{label}:fixed"),
+    };
+    saved
+        .iter()
+        .find(|(l, _)| l == label)
+        .or_else(|| saved.iter().find(|(l, _)| *l == other))
+        .map(|(_, counters)| counters)
 }
 
 #[derive(Debug, Clone)]
@@ -839,11 +897,11 @@ impl Account {
     pub fn update(&mut self, spec: &AccountSpec, now: Millis) -> Result<(), String> {
         let mut next = Account::new(spec, now)?;
         let saved = self.state(now);
-        next.quota.restore(&saved.quota, now);
+        next.quota.restore(&saved.quota, now, now);
         next.quota.set_limit(spec.quota_limit);
         for w in &mut next.windows {
-            if let Some((_, counters)) = saved.windows.iter().find(|(l, _)| **l == **w.label()) {
-                w.restore(counters, now);
+            if let Some(counters) = saved_window(&saved.windows, w.label()) {
+                w.restore(counters, now, now);
             }
         }
         next.reservations = std::mem::take(&mut self.reservations);
@@ -991,18 +1049,40 @@ impl Account {
                 .iter()
                 .map(|(m, until)| (m.to_string(), *until))
                 .collect(),
+            copy: SavedCopy::Read,
         }
     }
 
     /// Restores a saved state. Reservations that were in flight are committed at their estimate
     /// now (their answers may have been counted upstream at any moment until now). With
-    /// `gap = Some(ms)` (the process stopped without a clean mark), the unsynced interval is
-    /// charged conservatively: see [`Account::charge_gap`].
+    /// `gap = Some(ms)` (the process stopped without a clean mark while it may have been
+    /// admitting), the unsynced interval is charged conservatively: see [`Account::charge_gap`].
+    /// A [`SavedCopy::Missing`] state restores nothing but the gap; an
+    /// [`SavedCopy::Unreadable`] one fills every window, its counters being unknown (the quota
+    /// keeps the spec's `quota_used`, which the store writes with each state). Either way the
+    /// restored version is above the saved one.
     pub fn restore(&mut self, saved: &AccountState, now: Millis, gap: Option<Millis>) {
-        self.quota.restore(&saved.quota, now);
+        match saved.copy {
+            SavedCopy::Read => self.restore_counters(saved, now),
+            SavedCopy::Missing => {}
+            SavedCopy::Unreadable => {
+                for w in &mut self.windows {
+                    let room = w.remaining(now);
+                    w.record(room, now);
+                }
+            }
+        }
+        if let Some(gap) = gap {
+            self.charge_gap(gap, now);
+        }
+        self.version = self.version.max(saved.version) + 1;
+    }
+
+    fn restore_counters(&mut self, saved: &AccountState, now: Millis) {
+        self.quota.restore(&saved.quota, saved.saved_at, now);
         for w in &mut self.windows {
-            if let Some((_, counters)) = saved.windows.iter().find(|(l, _)| **l == **w.label()) {
-                w.restore(counters, now);
+            if let Some(counters) = saved_window(&saved.windows, w.label()) {
+                w.restore(counters, saved.saved_at, now);
             }
         }
         self.cooldown_until = saved.cooldown_until;
@@ -1020,10 +1100,6 @@ impl Account {
         for (estimate, model) in &saved.in_flight {
             self.consume(model, *estimate, now, &mut events);
         }
-        if let Some(gap) = gap {
-            self.charge_gap(gap, now);
-        }
-        self.version = self.version.max(saved.version) + 1;
     }
 
     /// Charges what the account could at most have been admitted in `gap` ms without our
@@ -1036,7 +1112,7 @@ impl Account {
     /// the bound, capped at its room (no window ever held more than its limit of real units at
     /// once, so a full window is the most the truth can be), as committed now — later than the
     /// real commits, so the charge also expires no earlier than the truth. The quota is charged
-    /// the token bound.
+    /// the token bound, capped at its own room (nothing beyond it could have been admitted).
     pub fn charge_gap(&mut self, gap: Millis, now: Millis) {
         let gap = gap.max(0);
         let intervals = if self.peak.interval > 0 {
@@ -1067,7 +1143,8 @@ impl Account {
             w.record(units.min(w.remaining(now)), now);
         }
         let mut events = Vec::new();
-        self.quota.record(tokens, &mut events);
+        self.quota
+            .record(tokens.min(self.quota.remaining()), &mut events);
         self.touch();
     }
 }

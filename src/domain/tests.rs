@@ -10,8 +10,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::account::{
-    Account, AccountEvent, AccountSpec, Denial, Feedback, Grant, RateHeaders, Summary,
-    UpstreamOutcome, Usage, BASE_BACKOFF_MS, DEFAULT_COOLDOWN_MS, FAILURE_STREAK,
+    Account, AccountEvent, AccountSpec, AccountState, Denial, Feedback, Grant, RateHeaders,
+    Summary, UpstreamOutcome, Usage, BASE_BACKOFF_MS, DEFAULT_COOLDOWN_MS, FAILURE_STREAK,
 };
 use super::limits::{FixedReset, LimitKind, LimitSpec, NamedLimit, Strategy as Pick};
 use super::schedule::Schedule;
@@ -896,10 +896,17 @@ fn an_upstream_403_cools_the_account_down_for_that_model_only() {
     assert!(a.is_active(), "a 403 never disables");
     assert_eq!(
         reserve(&mut a, M, 1, T0 + 1),
-        Err(rate_limited(Arc::from("model_cooldown"), T0 + 600_000, false))
+        Err(rate_limited(
+            Arc::from("model_cooldown"),
+            T0 + 600_000,
+            false
+        ))
     );
     granted(&mut a, "other-model", 1, T0 + 1);
-    assert!(a.summary(T0 + 1).available, "the account serves other models");
+    assert!(
+        a.summary(T0 + 1).available,
+        "the account serves other models"
+    );
 
     // Persisted, and restored while it lasts.
     let saved = a.state(T0 + 2);
@@ -909,7 +916,10 @@ fn an_upstream_403_cools_the_account_down_for_that_model_only() {
     granted(&mut b, M, 1, T0 + 600_000);
     let mut c = open(&spec(vec![]));
     c.restore(&saved, T0 + 600_000, None);
-    assert!(c.state(T0 + 600_000).model_cooldowns.is_empty(), "lapsed ones are dropped");
+    assert!(
+        c.state(T0 + 600_000).model_cooldowns.is_empty(),
+        "lapsed ones are dropped"
+    );
 
     // An operator's reset lifts it.
     a.reset(T0 + 5, &mut Vec::new());
@@ -1189,6 +1199,145 @@ fn a_crash_gap_without_a_window_of_a_kind_is_charged_at_the_peak_per_interval() 
     // A gap of 1.5 intervals spans two: 2 × 300 tokens on top of the 300 saved.
     assert_eq!(b.quota().used(), 900);
     assert_eq!(used(&b, "rpm"), 10);
+}
+
+#[test]
+fn a_crash_gap_never_charges_the_quota_beyond_its_own_room() {
+    let s = with_quota(100_000, vec![named(NamedLimit::Tpm, 100_000_000)]);
+    let mut a = open(&s);
+    let id = granted(&mut a, M, 100, T0);
+    commit(&mut a, id, Usage::Reported(300), T0 + 1);
+    let saved = a.state(T0 + 2);
+    let mut b = open(&s);
+    b.restore(&saved, T0 + 100, Some(1_000));
+    assert_eq!(b.quota().used(), 100_000, "not 100 000 300");
+    assert_eq!(
+        used(&b, "tpm"),
+        100_000_000,
+        "the window is charged its room"
+    );
+}
+
+#[test]
+fn an_account_with_no_saved_copy_is_charged_the_gap_and_keeps_its_stored_usage() {
+    let mut s = with_quota(
+        10_000,
+        vec![named(NamedLimit::Rpm, 10), named(NamedLimit::Tpm, 600)],
+    );
+    s.quota_used = 250;
+    let mut a = open(&s);
+    a.restore(&AccountState::missing(), T0 + 10, Some(500));
+    assert_eq!(used(&a, "rpm"), 10);
+    assert_eq!(used(&a, "tpm"), 600);
+    assert_eq!(a.quota().used(), 850, "the stored 250 plus the gap's 600");
+    let mut clean = open(&s);
+    clean.restore(&AccountState::missing(), T0 + 10, None);
+    assert_eq!((used(&clean, "rpm"), clean.quota().used()), (0, 250));
+}
+
+#[test]
+fn an_unreadable_saved_copy_fills_every_window_and_restores_above_its_version() {
+    let mut s = with_quota(
+        10_000,
+        vec![
+            named(NamedLimit::Rpm, 10),
+            sliding(LimitKind::Tokens, 500, PER_64S),
+        ],
+    );
+    s.quota_used = 40;
+    let mut a = open(&s);
+    a.restore(&AccountState::unreadable(1_000), T0, None);
+    assert!(
+        a.version() > 1_000,
+        "its next writes are newer than the unreadable copy"
+    );
+    assert_eq!((used(&a, "rpm"), a.quota().used()), (10, 40));
+    assert!(a.windows().iter().all(|w| w.remaining(T0) == 0));
+    // Held one window length, no longer.
+    granted(&mut a, M, 1, T0 + 64_000);
+}
+
+#[test]
+fn turning_a_sliding_limit_fixed_or_back_keeps_its_counters_across_a_restart() {
+    let daily_sliding = vec![named(NamedLimit::Rpd, 100)];
+    let daily_fixed = vec![LimitSpec {
+        reset: Some(FixedReset {
+            cron: "0 0 * * *".into(),
+            timezone: "UTC".into(),
+        }),
+        ..named(NamedLimit::Rpd, 100)
+    }];
+    // Sliding, then fixed: the 3 requests of the last hours still count today.
+    let mut a = open(&spec(daily_sliding.clone()));
+    for i in 0..3 {
+        let id = granted(&mut a, M, 1, T0 + i);
+        commit(&mut a, id, Usage::Reported(1), T0 + 10);
+    }
+    let saved = a.state(T0 + 20);
+    let mut fixed = open(&spec(daily_fixed.clone()));
+    fixed.restore(&saved, T0 + 30, None);
+    assert_eq!(used(&fixed, "rpd:fixed"), 3);
+    fixed.roll(MIDNIGHT, &mut Vec::new());
+    assert_eq!(used(&fixed, "rpd:fixed"), 0, "its next reset frees them");
+
+    // Fixed, then sliding: held one window length after the period's end or now.
+    let mut b = open(&spec(daily_fixed));
+    for i in 0..4 {
+        let id = granted(&mut b, M, 1, T0 + i);
+        commit(&mut b, id, Usage::Reported(1), T0 + 10);
+    }
+    let saved = b.state(T0 + 20);
+    let mut back = open(&spec(daily_sliding));
+    back.restore(&saved, T0 + 30, None);
+    assert_eq!(used(&back, "rpd"), 4);
+    back.roll(MIDNIGHT, &mut Vec::new());
+    assert_eq!(
+        used(&back, "rpd"),
+        4,
+        "a sliding day holds them past midnight"
+    );
+}
+
+#[test]
+fn turning_a_sliding_limit_fixed_at_run_time_keeps_its_counters() {
+    let mut a = open(&spec(vec![named(NamedLimit::Rpm, 5)]));
+    for i in 0..2 {
+        let id = granted(&mut a, M, 1, T0 + i);
+        commit(&mut a, id, Usage::Reported(1), T0 + 10);
+    }
+    let fixed = spec(vec![fixed(LimitKind::Requests, 5, "* * * * *")]);
+    a.update(&fixed, T0 + 20).unwrap();
+    assert_eq!(a.windows()[0].used(), 2);
+}
+
+#[test]
+fn a_fixed_window_whose_schedule_changed_resets_at_the_new_schedule_only() {
+    let utc = vec![LimitSpec {
+        reset: Some(FixedReset {
+            cron: "0 0 * * *".into(),
+            timezone: "UTC".into(),
+        }),
+        ..named(NamedLimit::Rpd, 100)
+    }];
+    let tokyo = vec![LimitSpec {
+        reset: Some(FixedReset {
+            cron: "0 0 * * *".into(),
+            timezone: "Asia/Tokyo".into(),
+        }),
+        ..named(NamedLimit::Rpd, 100)
+    }];
+    // T0 is 01:00 UTC = 10:00 in Tokyo; Tokyo's next midnight is 15:00 UTC.
+    let mut a = open(&spec(utc));
+    let id = granted(&mut a, M, 1, T0);
+    commit(&mut a, id, Usage::Reported(1), T0 + 10);
+    let saved = a.state(T0 + 20);
+    let mut b = open(&spec(tokyo));
+    b.restore(&saved, T0 + 30, None);
+    assert_eq!(used(&b, "rpd:fixed"), 1);
+    b.roll(T0 + 13 * 3_600_000, &mut Vec::new());
+    assert_eq!(used(&b, "rpd:fixed"), 1, "no reset before Tokyo's midnight");
+    b.roll(T0 + 14 * 3_600_000, &mut Vec::new());
+    assert_eq!(used(&b, "rpd:fixed"), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
