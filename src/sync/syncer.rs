@@ -147,21 +147,17 @@ impl Syncer {
         });
     }
 
-    /// Whether one copy holds every state collected so far: the restore takes each account's
-    /// highest version, so one complete copy is enough.
-    fn complete(&self) -> bool {
-        self.pending_database.is_empty() || (self.redis.is_some() && self.pending_redis.is_empty())
-    }
-
     /// Marks the runtime idle in the crash mark (see [`super::mark`]) when a round changed
-    /// nothing, a copy is complete and no lease is out; a crash then charges no gap. The gate
-    /// re-checks once no admission can start: what it collects then is queued for the copies.
+    /// nothing, the database holds every state collected so far and no lease is out; a crash then
+    /// charges no gap. (Redis alone is not enough: it may lose what it holds, and the restore
+    /// would then fall back to an older database copy with nothing charged.) The gate re-checks
+    /// once no admission can start: what it collects then is queued for the copies.
     fn mark_idle(&mut self) -> Pin<Box<dyn ActorFuture<Self, Output = ()>>> {
         let Some(gate) = self.runtime.admission_gate().cloned() else {
             return Box::pin(fut::ready(()));
         };
         if !gate.is_armed()
-            || !self.complete()
+            || !self.pending_database.is_empty()
             || self.changed_last_round > 0
             || self.runtime.leases_out() > 0
         {
