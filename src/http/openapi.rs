@@ -231,3 +231,25 @@ pub mod operations {
         accounts: usize,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_envelope_always_has_message_type_param_and_code() {
+        let doc: serde_json::Value = serde_json::from_str(json()).unwrap();
+        let detail = &doc["components"]["schemas"]["ErrorDetail"];
+        let required: Vec<&str> = detail["required"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no required list: {detail}"))
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for field in ["message", "type", "param", "code"] {
+            assert!(required.contains(&field), "{field} not required: {detail}");
+        }
+        let param = detail["properties"]["param"].to_string();
+        assert!(param.contains("null"), "param is nullable: {param}");
+    }
+}
