@@ -199,7 +199,9 @@ async fn a_busy_gateway_killed_is_charged_no_more_than_the_quotas_room() {
     ));
     let http = Http::new();
     assert_eq!(chat(&http, &gw, MOCK_MODEL).await.status, 200);
-    // A request in flight at the kill: the gateway is busy.
+    // Its state is in the database...
+    wait_idle(&gw).await;
+    // ...and a request in flight at the kill makes the gateway busy.
     mock.behave(&k, Behavior::Hang);
     let url = format!("{}/v1/chat/completions", gw.url());
     let token = gw.client_key().to_string();

@@ -458,14 +458,27 @@ fn a_short_configured_admin_token_is_refused_at_start() {
         "database: { url: \"sqlite://data/q.db\" }\nsecurity: { admin_token: \"letmein-secret\" }\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quotagate"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quotagate"))
         .arg("--config")
         .arg(&config)
         .arg("serve")
         .env_remove("RUST_LOG")
         .env("QUOTAGATE__SERVER__PORT", common::free_port().to_string())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A server that accepts the token would run on: give it 20 s to refuse.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started with a short admin token");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -356,14 +356,12 @@ async fn no_wait_value_overflows_panics_or_loses_the_commit() {
             )
         })
         .collect();
-    let gw = TestGateway::start(&format!(
-        "upstream: {{ max_cooldown: 2s }}\nproviders:\n{yaml}"
-    ));
+    let gw = TestGateway::start(&format!("providers:\n{yaml}"));
     let http = Http::new();
     for (i, (name, value)) in cases.iter().enumerate() {
         mock.behave_times(&keys[i], raw_429(&[(name, value)], ERROR_429), 1);
         let r = chat(&http, &gw, &format!("p{i}/{MOCK_MODEL}")).await;
-        assert_between(retry_after(&r), 0.001, 2.0, &format!("{name}: {value}"));
+        assert_between(retry_after(&r), 0.001, 3600.0, &format!("{name}: {value}"));
         // The request slot of the 429, committed in the same message as the feedback, stands.
         let stats = http
             .get(
