@@ -196,6 +196,7 @@ impl QuotaSystem {
         let _ = self.gate.set(gate);
     }
 
+    /// The gate set by [`QuotaSystem::set_admission_gate`], if any (the sync marks it idle).
     pub fn admission_gate(&self) -> Option<&AdmissionGate> {
         self.gate.get()
     }

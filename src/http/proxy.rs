@@ -339,7 +339,14 @@ async fn forward(
             }
         }
     }
-    Err(last_failure.unwrap_or(ApiError::NoAccountAvailable))
+    match (last_failure, took_out) {
+        (Some(failure), _) => Err(failure),
+        (None, Some(answer)) => {
+            record.done(answer.status().as_u16(), 0, 0, None);
+            Ok(answer)
+        }
+        (None, None) => Err(ApiError::NoAccountAvailable),
+    }
 }
 
 enum Attempt {
