@@ -76,11 +76,17 @@ async fn serve(config: Config) -> Result<(), String> {
     let metrics = Metrics::new();
     let runtime = start_runtime(&config, &store, &master_key, redis.as_ref(), &metrics).await?;
     // After the restore read the previous process's mark, before anything can be admitted.
-    runtime.set_admission_gate(AdmissionGate::open(
+    match AdmissionGate::open(
         &config.data_dir,
         sync_tick(&config),
         runtime.clock().clone(),
-    )?);
+    ) {
+        Ok(gate) => runtime.set_admission_gate(gate),
+        // A read-only data_dir still serves: a crash is then charged as if the gateway was busy.
+        Err(e) => {
+            log::error!(event = "crash_mark_failed"; "{e}; a crash will be charged as if busy")
+        }
+    }
     let syncer = start_syncer(&config, &runtime, &store, redis.clone(), &metrics);
     persist_disabled_accounts(&runtime, &store);
     let tracker = Tracker::start(store.clone(), &config.tracking, &metrics);

@@ -126,6 +126,16 @@ fn choose(
     accounts: &[Arc<str>],
     now: Millis,
 ) -> RestorePlan {
+    // A mark older than the copies' last write was left by an earlier process (this one could
+    // not write its own): it says nothing about the last run.
+    let newest_copy = [database.heartbeat, redis.heartbeat]
+        .into_iter()
+        .flatten()
+        .max();
+    let mut previous = previous;
+    previous.mark = previous
+        .mark
+        .filter(|m| newest_copy.is_none_or(|h| m.died_before().saturating_add(m.every_ms) >= h));
     let died_before = [
         redis
             .heartbeat
@@ -436,6 +446,25 @@ mod tests {
         );
         assert_eq!(plan.saved[&Arc::from("a")].gap, None);
         assert!(!plan.saved.contains_key(&Arc::from("new")));
+    }
+
+    #[test]
+    fn a_mark_older_than_the_last_copy_is_not_trusted() {
+        // An idle mark from an earlier run, then a run that could not write its own and crashed
+        // after writing a copy at 500 000.
+        let db = copy(&[("a", 5, 490_000)], Some(500_000));
+        let plan = choose(
+            &db,
+            &Copy::default(),
+            previous(false, Some(mark(60_000, Some(11_000)))),
+            &ids(&["a"]),
+            600_000,
+        );
+        assert_eq!(
+            plan.saved[&Arc::from("a")].gap,
+            Some(5_000),
+            "charged as busy"
+        );
     }
 
     #[test]
