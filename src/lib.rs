@@ -7,7 +7,7 @@
 //! - [`store`]: diesel over Postgres and embedded SQLite; migrations; queries as plain functions.
 //! - [`manage`]: management operations shared by the CLI and the admin API.
 //! - [`provision`]: upserts the providers declared in `config.yaml`.
-//! - [`sync`]: the Redis link.
+//! - [`sync`]: the Redis link, the periodic sync, restore on start and the crash mark.
 //! - [`http`]: the actix-web front door.
 //! - [`jobs`]: scheduled jobs: retention cleanup and daily aggregation of request statistics.
 //! - [`server`]: `quotagate serve`: start-up, first-start secrets, signals.

@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::provision;
 use crate::secrets::{self, KeyOrigin, MasterKey};
 use crate::store::{accounts, keys, settings, Store, StoreError};
+use crate::sync::mark::{self, AdmissionGate};
 use crate::sync::restore;
 use crate::sync::syncer::{Flush, SyncSettings, Syncer};
 
@@ -74,6 +75,18 @@ async fn serve(config: Config) -> Result<(), String> {
     let redis = crate::sync::client(&config.redis).map_err(|e| e.to_string())?;
     let metrics = Metrics::new();
     let runtime = start_runtime(&config, &store, &master_key, redis.as_ref(), &metrics).await?;
+    // After the restore read the previous process's mark, before anything can be admitted.
+    match AdmissionGate::open(
+        &config.data_dir,
+        sync_tick(&config),
+        runtime.clock().clone(),
+    ) {
+        Ok(gate) => runtime.set_admission_gate(gate),
+        // A read-only data_dir still serves: a crash is then charged as if the gateway was busy.
+        Err(e) => {
+            log::error!(event = "crash_mark_failed"; "{e}; a crash will be charged as if busy")
+        }
+    }
     let syncer = start_syncer(&config, &runtime, &store, redis.clone(), &metrics);
     persist_disabled_accounts(&runtime, &store);
     let tracker = Tracker::start(store.clone(), &config.tracking, &metrics);
@@ -97,6 +110,8 @@ async fn serve(config: Config) -> Result<(), String> {
             timeout: config.upstream.timeout,
             stream_idle_timeout: config.upstream.stream_idle_timeout,
             retries: config.upstream.retries,
+            max_cooldown: config.upstream.max_cooldown,
+            forbidden_cooldown: config.upstream.forbidden_cooldown,
         },
         // Well before the reservation would expire.
         renew_every: (config.sync.reservation_timeout / 3).max(Duration::from_secs(1)),
@@ -206,8 +221,8 @@ pub async fn start_runtime(
         store,
         redis,
         &ids,
-        config.sync.redis_interval,
-        config.sync.database_interval,
+        (config.sync.redis_interval, config.sync.database_interval),
+        mark::read(&config.data_dir),
         SystemClock.now_ms(),
     )
     .await?;
@@ -281,7 +296,21 @@ fn refresh_credentials(credentials: Credentials, store: Store) {
     });
 }
 
-/// Starts the periodic sync of account state to the database and Redis.
+/// How often the sync ticks (and the crash mark says the process is alive): the shorter
+/// interval of the copies in use.
+fn sync_tick(config: &Config) -> Duration {
+    if config.redis.host.trim().is_empty() {
+        config.sync.database_interval
+    } else {
+        config
+            .sync
+            .redis_interval
+            .min(config.sync.database_interval)
+    }
+}
+
+/// Starts the periodic sync of account state to the database and Redis (and, when the runtime
+/// has an admission gate, marks the runtime idle once everything is synced).
 pub fn start_syncer(
     config: &Config,
     runtime: &QuotaSystem,

@@ -251,7 +251,8 @@ fn admin_token_rotation_prints_a_new_token_unless_one_is_configured() {
     assert!(token(&first).starts_with("qga_"));
     assert_ne!(token(&first), token(&second));
 
-    let configured = Setup::valid("security: { admin_token: \"a-configured-token\" }");
+    let configured =
+        Setup::valid("security: { admin_token: \"a-configured-token-0123456789abcdef\" }");
     let out = configured.run(&["admin-token", "rotate"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -76,6 +76,8 @@ impl Harness {
                 timeout: Duration::from_secs(5),
                 stream_idle_timeout: Duration::from_secs(5),
                 retries: 0,
+                max_cooldown: Duration::from_secs(3600),
+                forbidden_cooldown: Duration::from_secs(600),
             },
             renew_every: Duration::from_secs(60),
             tracker,

@@ -160,6 +160,7 @@ async fn use_the_account(node: &Node) {
     let cooldown = Feedback {
         outcome: UpstreamOutcome::RateLimited {
             retry_after_ms: Some(120_000),
+            capped: false,
         },
         latency_ms: 5,
         headers: RateHeaders::default(),

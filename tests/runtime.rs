@@ -426,6 +426,7 @@ async fn an_upstream_429_cools_the_account_down_for_its_retry_after() {
         &qs,
         UpstreamOutcome::RateLimited {
             retry_after_ms: Some(5_000),
+            capped: false,
         },
     )
     .await;

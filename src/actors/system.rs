@@ -28,6 +28,7 @@ use crate::domain::account::{AccountEvent, AccountState, Denial, QuotaStatus, Wi
 use crate::domain::refusal::Verdict;
 use crate::domain::time::SharedClock;
 use crate::metrics::Metrics;
+use crate::sync::mark::AdmissionGate;
 
 /// How the runtime is built.
 #[derive(Clone)]
@@ -79,6 +80,8 @@ pub struct QuotaSystem {
     outstanding: Outstanding,
     /// The worker threads' holders of capacity leases.
     holders: Arc<Holders>,
+    /// Every admission passes the crash mark's gate, once the server has set one.
+    gate: Arc<std::sync::OnceLock<AdmissionGate>>,
 }
 
 impl std::fmt::Debug for QuotaSystem {
@@ -148,6 +151,7 @@ impl QuotaSystem {
             own_system: None,
             outstanding,
             holders,
+            gate: Arc::default(),
         })
     }
 
@@ -210,6 +214,21 @@ impl QuotaSystem {
         self.outstanding.count()
     }
 
+    /// Makes every admission from now on pass `gate` (the crash mark); set once, by the server.
+    pub fn set_admission_gate(&self, gate: AdmissionGate) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// The gate set by [`QuotaSystem::set_admission_gate`], if any (the sync marks it idle).
+    pub fn admission_gate(&self) -> Option<&AdmissionGate> {
+        self.gate.get()
+    }
+
+    /// Leases handed out whose settling message is not yet queued.
+    pub fn leases_out(&self) -> usize {
+        self.outstanding.count()
+    }
+
     pub fn registry(&self) -> Arc<Registry> {
         registry::read(&self.registry)
     }
@@ -256,6 +275,11 @@ impl QuotaSystem {
         estimate: impl Fn(&ProviderSpec) -> u64,
         exclude: &[Arc<str>],
     ) -> Result<Reservation, AcquireError> {
+        // Held until the reservation exists, so the crash mark never says idle while one is made.
+        let _pass = match self.gate.get() {
+            Some(gate) => Some(gate.pass().await),
+            None => None,
+        };
         holder::acquire(&self.holders, self.registry(), model, estimate, exclude).await
     }
 
@@ -298,6 +322,10 @@ impl QuotaSystem {
         model: &str,
         tokens: u64,
     ) -> Result<QuotaStatus, QueryError> {
+        let _pass = match self.gate.get() {
+            Some(gate) => Some(gate.pass().await),
+            None => None,
+        };
         let addr = self.registry().account(account)?.addr.clone();
         addr.send(ConsumeQuota {
             model: Arc::from(model),

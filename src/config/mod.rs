@@ -466,6 +466,13 @@ pub struct UpstreamConfig {
     pub stream_idle_timeout: Duration,
     /// Retries on another account, only before the first byte reached the client.
     pub retries: u32,
+    /// The longest cooldown an upstream's "wait" (`retry-after` and the like) can set, and the
+    /// longest a ceiling learned from `x-ratelimit-*` headers lasts; longer values are cut to it.
+    #[serde(with = "codec::duration")]
+    pub max_cooldown: Duration,
+    /// How long an upstream 403 keeps that account away from that model (a 401 disables it).
+    #[serde(with = "codec::duration")]
+    pub forbidden_cooldown: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -475,6 +482,8 @@ impl Default for UpstreamConfig {
             timeout: Duration::from_secs(120),
             stream_idle_timeout: Duration::from_secs(60),
             retries: 2,
+            max_cooldown: Duration::from_secs(3600),
+            forbidden_cooldown: Duration::from_secs(600),
         }
     }
 }

@@ -630,6 +630,66 @@ fn a_malformed_master_key_is_refused_without_showing_it() {
 }
 
 #[test]
+fn a_short_configured_admin_token_is_refused_without_showing_it() {
+    let error = error_env("security: { admin_token: \"hunter2-admin\" }\n", &[]);
+    assert_eq!(error.key, "security.admin_token");
+    assert!(error.problem.contains("at least 32"), "{error}");
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+    // From the environment too, as the shipped file takes it.
+    let short = error_env(
+        "security: { admin_token: \"${QUOTAGATE_ADMIN_TOKEN:-}\" }\n",
+        &[("QUOTAGATE_ADMIN_TOKEN", "0123456789abcdef0123456789abcde")],
+    );
+    assert!(short.problem.contains("31 characters"), "{short}");
+    let long = "0123456789abcdef".repeat(2);
+    let config = load(&format!("security: {{ admin_token: \"{long}\" }}\n"));
+    assert_eq!(config.security.admin_token.expose(), long);
+    assert!(
+        load("").security.admin_token.is_empty(),
+        "empty: one is generated"
+    );
+}
+
+#[test]
+fn upstream_cooldown_caps_default_to_an_hour_and_ten_minutes_and_must_be_positive() {
+    let config = load("");
+    assert_eq!(config.upstream.max_cooldown, Duration::from_secs(3600));
+    assert_eq!(config.upstream.forbidden_cooldown, Duration::from_secs(600));
+    let set = load("upstream: { max_cooldown: 5m, forbidden_cooldown: 30s }\n");
+    assert_eq!(set.upstream.max_cooldown, Duration::from_secs(300));
+    assert_eq!(set.upstream.forbidden_cooldown, Duration::from_secs(30));
+    assert_refused(
+        "upstream: { max_cooldown: 0s }\n",
+        "upstream.max_cooldown",
+        "longer than 0",
+    );
+    assert_refused(
+        "upstream: { forbidden_cooldown: 0s }\n",
+        "upstream.forbidden_cooldown",
+        "longer than 0",
+    );
+}
+
+#[test]
+fn a_name_holding_a_nul_is_refused() {
+    assert_refused(
+        "providers:\n  - { name: \"p\\0\", base_url: \"https://a.test\" }\n",
+        "providers[0].name",
+        "NUL",
+    );
+    assert_refused(
+        &provider("models: [ \"m\\0\" ]"),
+        "providers[0].models[0].name",
+        "NUL",
+    );
+    assert_refused(
+        &provider("accounts: [ { name: \"a\\0\", api_key: k } ]"),
+        "providers[0].accounts[0].name",
+        "NUL",
+    );
+}
+
+#[test]
 fn duplicate_names_are_refused() {
     let yaml = "providers:\n  - { name: p, base_url: \"https://a.test\" }\n  - { name: p, base_url: \"https://b.test\" }\n";
     assert_refused(yaml, "providers[1].name", "duplicate provider name `p`");
@@ -897,7 +957,7 @@ fn no_secret_appears_in_debug_or_in_the_serialised_config() {
     let yaml = format!(
         "database: {{ url: \"postgres://qg:db-secret@db/q\" }}\n\
          redis: {{ host: \"r:6379\", password: redis-secret }}\n\
-         security: {{ admin_token: admin-secret, master_key: \"{}\" }}\n{}",
+         security: {{ admin_token: admin-secret-0123456789abcdef0123456789, master_key: \"{}\" }}\n{}",
         "ab".repeat(32),
         provider(
             "accounts: [ { name: a, credentials: { api_key: key-secret, headers: { X-Org: org-secret } } } ]"
@@ -910,7 +970,7 @@ fn no_secret_appears_in_debug_or_in_the_serialised_config() {
         for secret in [
             "db-secret",
             "redis-secret",
-            "admin-secret",
+            "admin-secret-0123456789abcdef0123456789",
             &"ab".repeat(32),
             "key-secret",
             "org-secret",

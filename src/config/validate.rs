@@ -51,6 +51,11 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
         "upstream.stream_idle_timeout",
         config.upstream.stream_idle_timeout,
     )?;
+    positive("upstream.max_cooldown", config.upstream.max_cooldown)?;
+    positive(
+        "upstream.forbidden_cooldown",
+        config.upstream.forbidden_cooldown,
+    )?;
 
     let threshold = config.quota.warning_threshold;
     check(
@@ -90,6 +95,8 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
 
     master_key(config.security.master_key.expose())
         .map_err(|p| Issue::new("security.master_key", p))?;
+    admin_token(config.security.admin_token.expose())
+        .map_err(|p| Issue::new("security.admin_token", p))?;
 
     let level = &config.logging.level;
     check(
@@ -280,6 +287,9 @@ fn fixed_reset(at: &str, reset: Option<&str>, tz: Option<&str>) -> Result<(), Is
 fn name(key: &str, name: &str) -> Result<(), Issue> {
     if name.trim().is_empty() {
         Err(Issue::new(key, "must not be empty"))
+    } else if name.contains('\0') {
+        // Postgres refuses it in text: provisioning would fail on the first write.
+        Err(Issue::new(key, "must not contain a NUL character"))
     } else {
         Ok(())
     }
@@ -292,6 +302,26 @@ fn at_least_one(key: &str, limit: u64) -> Result<(), Issue> {
         Err(Issue::new(
             key,
             "must be at least 1 (leave the limit out for no limit)",
+        ))
+    }
+}
+
+/// Shortest admin token accepted in the config: 32 characters, 128 bits as hex (the generated
+/// tokens carry 256). The admin API resets counters and reads credentials' owners; a short
+/// configured token is the weak point an attacker would try first.
+const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
+/// A configured admin token is empty (one is generated) or at least [`MIN_ADMIN_TOKEN_CHARS`]
+/// long. The message never shows the token.
+fn admin_token(token: &str) -> Result<(), String> {
+    let length = token.chars().count();
+    if token.is_empty() || length >= MIN_ADMIN_TOKEN_CHARS {
+        Ok(())
+    } else {
+        Err(format!(
+            "is {length} characters long: a configured admin token needs at least \
+             {MIN_ADMIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32`), or leave it empty to have one \
+             generated"
         ))
     }
 }

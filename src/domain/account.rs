@@ -70,7 +70,7 @@ pub struct Grant {
 /// Why an account refuses a reservation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    /// Disabled by an operator, by the config, or after an upstream 401/403.
+    /// Disabled by an operator, by the config, or after an upstream 401.
     Disabled {
         reason: Option<String>,
     },
@@ -105,15 +105,23 @@ pub enum Usage {
 }
 
 /// How the upstream answered, for health and cooldown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamOutcome {
     Success,
-    /// 429: cool down for `retry_after_ms` (or a default).
+    /// 429: cool down for `retry_after_ms` (or a default), already capped at
+    /// `upstream.max_cooldown` by whoever read it; `capped` when the upstream asked for more.
     RateLimited {
         retry_after_ms: Option<Millis>,
+        capped: bool,
     },
-    /// 401/403: the key is not accepted; the account is disabled.
+    /// 401: the key is not accepted; the account is disabled.
     Unauthorized,
+    /// 403 (a model not enabled for this key, a region, a policy): the account stays away from
+    /// `model` for `cooldown_ms` (`upstream.forbidden_cooldown`), and keeps serving other models.
+    Forbidden {
+        model: Arc<str>,
+        cooldown_ms: Millis,
+    },
     /// 5xx, connection error, timeout.
     Failure,
 }
@@ -128,7 +136,7 @@ pub struct RateHeaders {
 }
 
 /// Feedback from one upstream answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Feedback {
     pub outcome: UpstreamOutcome,
     pub latency_ms: u64,
@@ -253,6 +261,21 @@ pub struct Summary {
     pub inflight: u64,
 }
 
+/// What a start found of an account's saved state. Set by the restore, never persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SavedCopy {
+    /// A readable copy: its counters are restored.
+    #[default]
+    Read,
+    /// No copy at all (an account created, or never synced, since the last complete copy):
+    /// nothing to restore; the crash gap, if any, is charged.
+    Missing,
+    /// A copy that could not be read: what it held is unknown, so every window is charged full.
+    /// The state's `version` is the unreadable copy's, so that the restored account's next
+    /// writes are newer than it (a store refuses a write with a lower version).
+    Unreadable,
+}
+
 /// The persisted state of an account (JSON in `account_state` and Redis).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AccountState {
@@ -273,6 +296,49 @@ pub struct AccountState {
     /// Highest requests and tokens admitted in one sync interval (for the crash-gap charge).
     pub peak_requests: u64,
     pub peak_tokens: u64,
+    /// Models this account must not be sent until a time (after an upstream 403).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_cooldowns: Vec<(String, Millis)>,
+    /// How this state was found at start (not persisted).
+    #[serde(skip)]
+    pub copy: SavedCopy,
+}
+
+impl AccountState {
+    /// The stand-in for an account with no saved copy.
+    pub fn missing() -> AccountState {
+        AccountState {
+            copy: SavedCopy::Missing,
+            ..AccountState::default()
+        }
+    }
+
+    /// The stand-in for a copy that could not be read, stored at `version`.
+    pub fn unreadable(version: u64) -> AccountState {
+        AccountState {
+            version,
+            copy: SavedCopy::Unreadable,
+            ..AccountState::default()
+        }
+    }
+}
+
+/// The saved counters of the window labelled `label`, or of the same limit with the other expiry
+/// (`rpd` and `rpd:fixed`): an operator turning a sliding limit into a fixed one keeps its
+/// counters.
+fn saved_window<'a>(
+    saved: &'a [(String, WindowCounters)],
+    label: &str,
+) -> Option<&'a WindowCounters> {
+    let other = match label.strip_suffix(":fixed") {
+        Some(sliding) => sliding.to_string(),
+        None => format!("{label}:fixed"),
+    };
+    saved
+        .iter()
+        .find(|(l, _)| l == label)
+        .or_else(|| saved.iter().find(|(l, _)| *l == other))
+        .map(|(_, counters)| counters)
 }
 
 /// Units a holder held when the state was saved.
@@ -300,6 +366,8 @@ pub struct Account {
     /// Raised when admission must stop at once everywhere (see [`super::lease`]).
     epoch: u64,
     cooldown_until: Millis,
+    /// Models held back after an upstream 403, until a time each (few; usually none).
+    model_cooldowns: Vec<(Arc<str>, Millis)>,
     circuit: Circuit,
     failures: u32,
     consecutive_429: u32,
@@ -387,6 +455,7 @@ impl Account {
             next_lease: 1,
             epoch: 1,
             cooldown_until: 0,
+            model_cooldowns: Vec::new(),
             circuit: Circuit::Closed,
             failures: 0,
             consecutive_429: 0,
@@ -462,6 +531,7 @@ impl Account {
         for w in &mut self.windows {
             w.roll(now);
         }
+        self.model_cooldowns.retain(|(_, until)| now < *until);
         if let Circuit::Open { until, backoff } = self.circuit {
             if now >= until {
                 self.circuit = Circuit::HalfOpen {
@@ -576,6 +646,13 @@ impl Account {
         }
         if now < self.cooldown_until {
             hold(&Arc::from("cooldown"), self.cooldown_until, false);
+        }
+        if let Some((_, until)) = self
+            .model_cooldowns
+            .iter()
+            .find(|(m, until)| **m == *model && now < *until)
+        {
+            hold(&Arc::from("model_cooldown"), *until, false);
         }
         match self.circuit {
             Circuit::Open { until, .. } if now < until => {
@@ -704,38 +781,60 @@ impl Account {
     }
 
     /// Applies an upstream answer: latency and error averages, cooldown after a 429, the circuit
-    /// breaker after failures, disabling after 401/403, and header tightening.
+    /// breaker after failures, disabling after a 401, a per-model cooldown after a 403, and header
+    /// tightening. Whatever the values (huge, negative), time arithmetic saturates: nothing here
+    /// can panic and lose the commit that arrives in the same message.
     pub fn feedback(&mut self, fb: &Feedback, now: Millis, events: &mut Vec<AccountEvent>) {
         let was_open = self.open_for_leases(now);
         let failed = matches!(fb.outcome, UpstreamOutcome::Failure);
         self.latency_ewma = ewma(self.latency_ewma, fb.latency_ms as f64);
         self.error_ewma = ewma(self.error_ewma, if failed { 1.0 } else { 0.0 });
-        match fb.outcome {
+        match &fb.outcome {
             UpstreamOutcome::Success => {
                 self.failures = 0;
                 self.consecutive_429 = 0;
                 self.circuit = Circuit::Closed;
             }
-            UpstreamOutcome::RateLimited { retry_after_ms } => {
-                self.consecutive_429 += 1;
+            UpstreamOutcome::RateLimited {
+                retry_after_ms,
+                capped,
+            } => {
+                self.consecutive_429 = self.consecutive_429.saturating_add(1);
                 let fallback = [fb.headers.requests_reset_ms, fb.headers.tokens_reset_ms]
                     .into_iter()
                     .flatten()
                     .max();
                 let backoff = DEFAULT_COOLDOWN_MS << (self.consecutive_429 - 1).min(6);
                 let wait = retry_after_ms.or(fallback).unwrap_or(backoff).max(1);
-                let until = now + wait;
+                let until = now.saturating_add(wait);
                 if until > self.cooldown_until {
                     self.cooldown_until = until;
                     events.push(AccountEvent::Cooldown {
                         until,
-                        reason: "upstream_429",
+                        reason: if *capped {
+                            "upstream_429_capped"
+                        } else {
+                            "upstream_429"
+                        },
                     });
                 }
             }
+            UpstreamOutcome::Forbidden { model, cooldown_ms } => {
+                let until = now.saturating_add((*cooldown_ms).max(1));
+                match self.model_cooldowns.iter_mut().find(|(m, _)| m == model) {
+                    Some((_, at)) => *at = (*at).max(until),
+                    None => self.model_cooldowns.push((model.clone(), until)),
+                }
+                events.push(AccountEvent::Cooldown {
+                    until,
+                    reason: "upstream_403",
+                });
+                // Holders of leases for that model must stop too (the others ask again).
+                self.revoke_leases();
+            }
             UpstreamOutcome::Unauthorized => {
                 if self.active {
-                    let reason = "upstream rejected the key (401/403)".to_string();
+                    let reason = "upstream rejected the key (401)".to_string();
                     self.active = false;
                     self.disabled_reason = Some(reason.clone());
                     events.push(AccountEvent::Disabled { reason });
@@ -749,7 +848,7 @@ impl Account {
                     _ => None,
                 };
                 if let Some(backoff) = open {
-                    let until = now + backoff;
+                    let until = now.saturating_add(backoff);
                     self.circuit = Circuit::Open { until, backoff };
                     events.push(AccountEvent::Cooldown {
                         until,
@@ -768,7 +867,7 @@ impl Account {
             (self.header_tokens, h.tokens_remaining, h.tokens_reset_ms),
         ] {
             if let (Some(i), Some(remaining), Some(reset)) = (target, remaining, reset) {
-                self.windows[i].tighten(remaining, now + reset, now);
+                self.windows[i].tighten(remaining, now.saturating_add(reset), now);
                 if self.windows[i].remaining(now) == 0 {
                     // The upstream has less room than is leased out: holders stop at once.
                     self.revoke_leases();
@@ -814,6 +913,7 @@ impl Account {
             w.clear(now);
         }
         self.cooldown_until = 0;
+        self.model_cooldowns.clear();
         self.circuit = Circuit::Closed;
         self.failures = 0;
         self.consecutive_429 = 0;
@@ -825,11 +925,11 @@ impl Account {
     pub fn update(&mut self, spec: &AccountSpec, now: Millis) -> Result<(), String> {
         let mut next = Account::new(spec, now)?;
         let saved = self.state(now);
-        next.quota.restore(&saved.quota, now);
+        next.quota.restore(&saved.quota, now, now);
         next.quota.set_limit(spec.quota_limit);
         for w in &mut next.windows {
-            if let Some((_, counters)) = saved.windows.iter().find(|(l, _)| **l == **w.label()) {
-                w.restore(counters, now);
+            if let Some(counters) = saved_window(&saved.windows, w.label()) {
+                w.restore(counters, now, now);
             }
         }
         next.leases = std::mem::take(&mut self.leases);
@@ -843,6 +943,7 @@ impl Account {
         // Limits changed: holders must ask again under the new ones.
         next.epoch = self.epoch + 1;
         next.cooldown_until = self.cooldown_until;
+        next.model_cooldowns = std::mem::take(&mut self.model_cooldowns);
         next.circuit = self.circuit;
         next.failures = self.failures;
         next.consecutive_429 = self.consecutive_429;
@@ -991,21 +1092,54 @@ impl Account {
                 .collect(),
             peak_requests: self.peak.peak_requests,
             peak_tokens: self.peak.peak_tokens,
+            model_cooldowns: self
+                .model_cooldowns
+                .iter()
+                .map(|(m, until)| (m.to_string(), *until))
+                .collect(),
+            copy: SavedCopy::Read,
         }
     }
 
     /// Restores a saved state. Reservations that were in flight are committed at their estimate
     /// now (their answers may have been counted upstream at any moment until now). With
-    /// `gap = Some(ms)` (the process stopped without a clean mark), the unsynced interval is
-    /// charged conservatively: see [`Account::charge_gap`].
+    /// `gap = Some(ms)` (the process stopped without a clean mark while it may have been
+    /// admitting), the unsynced interval is charged conservatively: see [`Account::charge_gap`].
+    /// A [`SavedCopy::Missing`] state restores nothing but the gap; an
+    /// [`SavedCopy::Unreadable`] one fills every window, its counters being unknown (the quota
+    /// keeps the spec's `quota_used`, which the store writes with each state). Either way the
+    /// restored version is above the saved one.
     pub fn restore(&mut self, saved: &AccountState, now: Millis, gap: Option<Millis>) {
-        self.quota.restore(&saved.quota, now);
+        match saved.copy {
+            SavedCopy::Read => self.restore_counters(saved, now),
+            SavedCopy::Missing => {}
+            SavedCopy::Unreadable => {
+                for w in &mut self.windows {
+                    let room = w.remaining(now);
+                    w.record(room, now);
+                }
+            }
+        }
+        if let Some(gap) = gap {
+            self.charge_gap(gap, now);
+        }
+        self.version = self.version.max(saved.version) + 1;
+    }
+
+    fn restore_counters(&mut self, saved: &AccountState, now: Millis) {
+        self.quota.restore(&saved.quota, saved.saved_at, now);
         for w in &mut self.windows {
-            if let Some((_, counters)) = saved.windows.iter().find(|(l, _)| **l == **w.label()) {
-                w.restore(counters, now);
+            if let Some(counters) = saved_window(&saved.windows, w.label()) {
+                w.restore(counters, saved.saved_at, now);
             }
         }
         self.cooldown_until = saved.cooldown_until;
+        self.model_cooldowns = saved
+            .model_cooldowns
+            .iter()
+            .filter(|(_, until)| now < *until)
+            .map(|(m, until)| (Arc::from(m.as_str()), *until))
+            .collect();
         self.circuit = saved.circuit.unwrap_or(Circuit::Closed);
         self.failures = saved.failures;
         self.peak.peak_requests = saved.peak_requests;
@@ -1022,10 +1156,6 @@ impl Account {
             };
             self.record_used(&leased.model, used, now, &mut events);
         }
-        if let Some(gap) = gap {
-            self.charge_gap(gap, now);
-        }
-        self.version = self.version.max(saved.version) + 1;
     }
 
     /// Charges what the account could at most have been admitted in `gap` ms without our
@@ -1038,7 +1168,7 @@ impl Account {
     /// the bound, capped at its room (no window ever held more than its limit of real units at
     /// once, so a full window is the most the truth can be), as committed now — later than the
     /// real commits, so the charge also expires no earlier than the truth. The quota is charged
-    /// the token bound.
+    /// the token bound, capped at its own room (nothing beyond it could have been admitted).
     pub fn charge_gap(&mut self, gap: Millis, now: Millis) {
         let gap = gap.max(0);
         let intervals = if self.peak.interval > 0 {
@@ -1069,7 +1199,8 @@ impl Account {
             w.record(units.min(w.remaining(now)), now);
         }
         let mut events = Vec::new();
-        self.quota.record(tokens, &mut events);
+        self.quota
+            .record(tokens.min(self.quota.remaining()), &mut events);
         self.touch();
     }
 }

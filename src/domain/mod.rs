@@ -12,6 +12,7 @@ pub mod refusal;
 pub mod schedule;
 pub mod selection;
 pub mod time;
+pub mod upstream_timing;
 pub mod window;
 
 pub mod estimate;

@@ -212,13 +212,26 @@ impl Quota {
         }
     }
 
-    pub fn restore(&mut self, c: &QuotaCounters, now: Millis) {
-        self.used = c.used;
-        self.period_start = c.period_start;
-        self.period_end = c.period_end;
-        self.warned = c.warned;
-        self.exhausted = c.exhausted;
-        self.roll(now);
+    /// Restores counters saved at `saved_at`, under the schedule in force now — which may not be
+    /// the one they were counted under (a changed `quota.timezone` or `reset_cron`). The usage is
+    /// dropped only when a reset of the current schedule fell between `saved_at` and `now` (all of
+    /// it was counted before that reset); otherwise it is kept until the current schedule's next
+    /// reset. Keeping the saved period's own end instead would grant an extra reset whenever the
+    /// old schedule resets before the new one.
+    pub fn restore(&mut self, c: &QuotaCounters, saved_at: Millis, now: Millis) {
+        let last_reset = self.schedule.previous_at_or_before(now);
+        if last_reset > saved_at {
+            self.used = 0;
+            self.warned = false;
+            self.exhausted = false;
+            self.period_start = last_reset;
+        } else {
+            self.used = c.used;
+            self.warned = c.warned;
+            self.exhausted = c.exhausted;
+            self.period_start = c.period_start.min(now);
+        }
+        self.period_end = self.schedule.next_after(now);
     }
 }
 
@@ -271,6 +284,61 @@ mod tests {
         q.commit(60, 20, &mut events);
         assert_eq!((q.used(), q.reserved()), (20, 0));
         assert!(q.check(80).is_ok());
+    }
+
+    fn ms(rfc3339: &str) -> Millis {
+        chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn a_restore_under_a_changed_timezone_grants_no_extra_reset() {
+        // Counted under UTC midnights, saved at 23:00 UTC; restored at 23:30 UTC under Los
+        // Angeles midnights (08:00 UTC in November).
+        let utc = Schedule::daily_utc();
+        let la = Schedule::new("0 0 * * *", "America/Los_Angeles").unwrap();
+        let saved_at = ms("2026-11-28T23:00:00Z");
+        let mut before = Quota::new(1_000, 0, utc, 0.8, ms("2026-11-28T01:00:00Z"));
+        before.record(700, &mut Vec::new());
+        let saved = before.counters();
+        let mut q = Quota::new(1_000, 0, la, 0.8, ms("2026-11-28T23:30:00Z"));
+        q.restore(&saved, saved_at, ms("2026-11-28T23:30:00Z"));
+        assert_eq!(q.used(), 700);
+        assert_eq!(
+            q.reset_at(),
+            ms("2026-11-29T08:00:00Z"),
+            "the new schedule's reset"
+        );
+        assert!(
+            q.roll(ms("2026-11-29T00:00:00Z")).is_none(),
+            "no reset at UTC midnight"
+        );
+        assert_eq!(q.used(), 700);
+        assert!(q.roll(ms("2026-11-29T08:00:00Z")).is_some());
+        assert_eq!(q.used(), 0);
+    }
+
+    #[test]
+    fn a_restore_after_a_reset_of_the_current_schedule_starts_a_new_period() {
+        let mut before = quota(100);
+        before.record(60, &mut Vec::new());
+        let saved = before.counters();
+        let mut same = quota(100);
+        same.restore(&saved, 2_000, DAY - 1);
+        assert_eq!(
+            (same.used(), same.reset_at()),
+            (60, DAY),
+            "same period: kept"
+        );
+        let mut next = quota(100);
+        next.restore(&saved, 2_000, DAY + 5);
+        assert_eq!(
+            (next.used(), next.reset_at()),
+            (0, 2 * DAY),
+            "a reset passed: dropped"
+        );
+        assert_eq!(next.period_start(), DAY);
     }
 
     #[test]

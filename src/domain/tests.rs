@@ -10,8 +10,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::account::{
-    Account, AccountEvent, AccountSpec, Denial, Feedback, Grant, RateHeaders, Summary,
-    UpstreamOutcome, Usage, BASE_BACKOFF_MS, DEFAULT_COOLDOWN_MS, FAILURE_STREAK,
+    Account, AccountEvent, AccountSpec, AccountState, Denial, Feedback, Grant, RateHeaders,
+    Summary, UpstreamOutcome, Usage, BASE_BACKOFF_MS, DEFAULT_COOLDOWN_MS, FAILURE_STREAK,
 };
 use super::limits::{FixedReset, LimitKind, LimitSpec, NamedLimit, Strategy as Pick};
 use super::schedule::Schedule;
@@ -397,6 +397,7 @@ fn when_several_limits_hold_the_latest_one_names_the_retry_time() {
         &mut a,
         UpstreamOutcome::RateLimited {
             retry_after_ms: Some(100_000),
+            capped: false,
         },
         T0 + 1,
     );
@@ -700,6 +701,7 @@ fn an_upstream_429_cools_the_account_down_for_its_retry_after() {
         &mut a,
         UpstreamOutcome::RateLimited {
             retry_after_ms: Some(7_000),
+            capped: false,
         },
         T0,
     );
@@ -724,6 +726,7 @@ fn a_429_without_retry_after_uses_the_reset_header_or_a_doubling_default() {
     let fb = Feedback {
         outcome: UpstreamOutcome::RateLimited {
             retry_after_ms: None,
+            capped: false,
         },
         latency_ms: 0,
         headers: RateHeaders {
@@ -738,24 +741,25 @@ fn a_429_without_retry_after_uses_the_reset_header_or_a_doubling_default() {
     let mut b = open(&spec(vec![]));
     let limited = UpstreamOutcome::RateLimited {
         retry_after_ms: None,
+        capped: false,
     };
     let until = |events: Vec<AccountEvent>| match events[..] {
         [AccountEvent::Cooldown { until, .. }] => until,
         _ => panic!("expected one cooldown, got {events:?}"),
     };
     assert_eq!(
-        until(feedback(&mut b, limited, T0)),
+        until(feedback(&mut b, limited.clone(), T0)),
         T0 + DEFAULT_COOLDOWN_MS
     );
     let t1 = T0 + DEFAULT_COOLDOWN_MS;
     assert_eq!(
-        until(feedback(&mut b, limited, t1)),
+        until(feedback(&mut b, limited.clone(), t1)),
         t1 + 2 * DEFAULT_COOLDOWN_MS
     );
     feedback(&mut b, UpstreamOutcome::Success, t1 + 1);
     let t2 = t1 + 10 * DEFAULT_COOLDOWN_MS;
     assert_eq!(
-        until(feedback(&mut b, limited, t2)),
+        until(feedback(&mut b, limited.clone(), t2)),
         t2 + DEFAULT_COOLDOWN_MS,
         "a success resets the doubling"
     );
@@ -853,7 +857,7 @@ fn an_upstream_401_disables_the_account_once_and_refuses_from_then_on() {
     let mut a = open(&spec(vec![]));
     let id = granted(&mut a, M, 1, T0);
     let events = feedback(&mut a, UpstreamOutcome::Unauthorized, T0 + 1);
-    let reason = "upstream rejected the key (401/403)".to_string();
+    let reason = "upstream rejected the key (401)".to_string();
     assert_eq!(
         events,
         vec![AccountEvent::Disabled {
@@ -872,6 +876,120 @@ fn an_upstream_401_disables_the_account_once_and_refuses_from_then_on() {
     assert!(!a.summary(T0 + 3).available);
     commit(&mut a, id, Usage::RequestOnly, T0 + 4);
     assert_eq!(a.inflight(), 0, "in-flight work still settles");
+}
+
+#[test]
+fn an_upstream_403_cools_the_account_down_for_that_model_only() {
+    let mut a = open(&spec(vec![]));
+    let forbidden = UpstreamOutcome::Forbidden {
+        model: Arc::from(M),
+        cooldown_ms: 600_000,
+    };
+    let events = feedback(&mut a, forbidden, T0);
+    assert_eq!(
+        events,
+        vec![AccountEvent::Cooldown {
+            until: T0 + 600_000,
+            reason: "upstream_403"
+        }]
+    );
+    assert!(a.is_active(), "a 403 never disables");
+    assert_eq!(
+        reserve(&mut a, M, 1, T0 + 1),
+        Err(rate_limited(
+            Arc::from("model_cooldown"),
+            T0 + 600_000,
+            false
+        ))
+    );
+    granted(&mut a, "other-model", 1, T0 + 1);
+    assert!(
+        a.summary(T0 + 1).available,
+        "the account serves other models"
+    );
+
+    // Persisted, and restored while it lasts.
+    let saved = a.state(T0 + 2);
+    let mut b = open(&spec(vec![]));
+    b.restore(&saved, T0 + 3, None);
+    assert!(reserve(&mut b, M, 1, T0 + 4).is_err());
+    granted(&mut b, M, 1, T0 + 600_000);
+    let mut c = open(&spec(vec![]));
+    c.restore(&saved, T0 + 600_000, None);
+    assert!(
+        c.state(T0 + 600_000).model_cooldowns.is_empty(),
+        "lapsed ones are dropped"
+    );
+
+    // An operator's reset lifts it.
+    a.reset(T0 + 5, &mut Vec::new());
+    granted(&mut a, M, 1, T0 + 6);
+}
+
+#[test]
+fn no_feedback_value_can_overflow_and_lose_the_commit_of_the_same_message() {
+    let mut s = spec(vec![named(NamedLimit::Rpm, 10)]);
+    s.header_requests = Some(NamedLimit::Rpm);
+    let mut a = open(&s);
+    let id = granted(&mut a, M, 1, T0);
+    // What the actor does for one `Commit` message: commit, then feedback.
+    commit(&mut a, id, Usage::Reported(1), T0 + 1);
+    for outcome in [
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(Millis::MAX),
+            capped: false,
+        },
+        UpstreamOutcome::Forbidden {
+            model: Arc::from(M),
+            cooldown_ms: Millis::MAX,
+        },
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(Millis::MIN),
+            capped: false,
+        },
+    ] {
+        let fb = Feedback {
+            outcome,
+            latency_ms: u64::MAX,
+            headers: RateHeaders {
+                requests_remaining: Some(0),
+                requests_reset_ms: Some(Millis::MAX),
+                ..RateHeaders::default()
+            },
+        };
+        a.feedback(&fb, T0 + 2, &mut Vec::new());
+    }
+    for _ in 0..100 {
+        feedback(
+            &mut a,
+            UpstreamOutcome::RateLimited {
+                retry_after_ms: None,
+                capped: false,
+            },
+            T0 + 3,
+        );
+    }
+    assert_eq!(used(&a, "rpm"), 1, "the commit stands");
+}
+
+#[test]
+fn a_capped_wait_says_so_in_its_cooldown_event() {
+    let mut a = open(&spec(vec![]));
+    let events = feedback(
+        &mut a,
+        UpstreamOutcome::RateLimited {
+            retry_after_ms: Some(3_600_000),
+            capped: true,
+        },
+        T0,
+    );
+    assert_eq!(
+        events,
+        vec![AccountEvent::Cooldown {
+            until: T0 + 3_600_000,
+            reason: "upstream_429_capped"
+        }]
+    );
 }
 
 #[test]
@@ -1081,6 +1199,145 @@ fn a_crash_gap_without_a_window_of_a_kind_is_charged_at_the_peak_per_interval() 
     // A gap of 1.5 intervals spans two: 2 × 300 tokens on top of the 300 saved.
     assert_eq!(b.quota().used(), 900);
     assert_eq!(used(&b, "rpm"), 10);
+}
+
+#[test]
+fn a_crash_gap_never_charges_the_quota_beyond_its_own_room() {
+    let s = with_quota(100_000, vec![named(NamedLimit::Tpm, 100_000_000)]);
+    let mut a = open(&s);
+    let id = granted(&mut a, M, 100, T0);
+    commit(&mut a, id, Usage::Reported(300), T0 + 1);
+    let saved = a.state(T0 + 2);
+    let mut b = open(&s);
+    b.restore(&saved, T0 + 100, Some(1_000));
+    assert_eq!(b.quota().used(), 100_000, "not 100 000 300");
+    assert_eq!(
+        used(&b, "tpm"),
+        100_000_000,
+        "the window is charged its room"
+    );
+}
+
+#[test]
+fn an_account_with_no_saved_copy_is_charged_the_gap_and_keeps_its_stored_usage() {
+    let mut s = with_quota(
+        10_000,
+        vec![named(NamedLimit::Rpm, 10), named(NamedLimit::Tpm, 600)],
+    );
+    s.quota_used = 250;
+    let mut a = open(&s);
+    a.restore(&AccountState::missing(), T0 + 10, Some(500));
+    assert_eq!(used(&a, "rpm"), 10);
+    assert_eq!(used(&a, "tpm"), 600);
+    assert_eq!(a.quota().used(), 850, "the stored 250 plus the gap's 600");
+    let mut clean = open(&s);
+    clean.restore(&AccountState::missing(), T0 + 10, None);
+    assert_eq!((used(&clean, "rpm"), clean.quota().used()), (0, 250));
+}
+
+#[test]
+fn an_unreadable_saved_copy_fills_every_window_and_restores_above_its_version() {
+    let mut s = with_quota(
+        10_000,
+        vec![
+            named(NamedLimit::Rpm, 10),
+            sliding(LimitKind::Tokens, 500, PER_64S),
+        ],
+    );
+    s.quota_used = 40;
+    let mut a = open(&s);
+    a.restore(&AccountState::unreadable(1_000), T0, None);
+    assert!(
+        a.version() > 1_000,
+        "its next writes are newer than the unreadable copy"
+    );
+    assert_eq!((used(&a, "rpm"), a.quota().used()), (10, 40));
+    assert!(a.windows().iter().all(|w| w.remaining(T0) == 0));
+    // Held one window length, no longer.
+    granted(&mut a, M, 1, T0 + 64_000);
+}
+
+#[test]
+fn turning_a_sliding_limit_fixed_or_back_keeps_its_counters_across_a_restart() {
+    let daily_sliding = vec![named(NamedLimit::Rpd, 100)];
+    let daily_fixed = vec![LimitSpec {
+        reset: Some(FixedReset {
+            cron: "0 0 * * *".into(),
+            timezone: "UTC".into(),
+        }),
+        ..named(NamedLimit::Rpd, 100)
+    }];
+    // Sliding, then fixed: the 3 requests of the last hours still count today.
+    let mut a = open(&spec(daily_sliding.clone()));
+    for i in 0..3 {
+        let id = granted(&mut a, M, 1, T0 + i);
+        commit(&mut a, id, Usage::Reported(1), T0 + 10);
+    }
+    let saved = a.state(T0 + 20);
+    let mut fixed = open(&spec(daily_fixed.clone()));
+    fixed.restore(&saved, T0 + 30, None);
+    assert_eq!(used(&fixed, "rpd:fixed"), 3);
+    fixed.roll(MIDNIGHT, &mut Vec::new());
+    assert_eq!(used(&fixed, "rpd:fixed"), 0, "its next reset frees them");
+
+    // Fixed, then sliding: held one window length after the period's end or now.
+    let mut b = open(&spec(daily_fixed));
+    for i in 0..4 {
+        let id = granted(&mut b, M, 1, T0 + i);
+        commit(&mut b, id, Usage::Reported(1), T0 + 10);
+    }
+    let saved = b.state(T0 + 20);
+    let mut back = open(&spec(daily_sliding));
+    back.restore(&saved, T0 + 30, None);
+    assert_eq!(used(&back, "rpd"), 4);
+    back.roll(MIDNIGHT, &mut Vec::new());
+    assert_eq!(
+        used(&back, "rpd"),
+        4,
+        "a sliding day holds them past midnight"
+    );
+}
+
+#[test]
+fn turning_a_sliding_limit_fixed_at_run_time_keeps_its_counters() {
+    let mut a = open(&spec(vec![named(NamedLimit::Rpm, 5)]));
+    for i in 0..2 {
+        let id = granted(&mut a, M, 1, T0 + i);
+        commit(&mut a, id, Usage::Reported(1), T0 + 10);
+    }
+    let fixed = spec(vec![fixed(LimitKind::Requests, 5, "* * * * *")]);
+    a.update(&fixed, T0 + 20).unwrap();
+    assert_eq!(a.windows()[0].used(), 2);
+}
+
+#[test]
+fn a_fixed_window_whose_schedule_changed_resets_at_the_new_schedule_only() {
+    let utc = vec![LimitSpec {
+        reset: Some(FixedReset {
+            cron: "0 0 * * *".into(),
+            timezone: "UTC".into(),
+        }),
+        ..named(NamedLimit::Rpd, 100)
+    }];
+    let tokyo = vec![LimitSpec {
+        reset: Some(FixedReset {
+            cron: "0 0 * * *".into(),
+            timezone: "Asia/Tokyo".into(),
+        }),
+        ..named(NamedLimit::Rpd, 100)
+    }];
+    // T0 is 01:00 UTC = 10:00 in Tokyo; Tokyo's next midnight is 15:00 UTC.
+    let mut a = open(&spec(utc));
+    let id = granted(&mut a, M, 1, T0);
+    commit(&mut a, id, Usage::Reported(1), T0 + 10);
+    let saved = a.state(T0 + 20);
+    let mut b = open(&spec(tokyo));
+    b.restore(&saved, T0 + 30, None);
+    assert_eq!(used(&b, "rpd:fixed"), 1);
+    b.roll(T0 + 13 * 3_600_000, &mut Vec::new());
+    assert_eq!(used(&b, "rpd:fixed"), 1, "no reset before Tokyo's midnight");
+    b.roll(T0 + 14 * 3_600_000, &mut Vec::new());
+    assert_eq!(used(&b, "rpd:fixed"), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

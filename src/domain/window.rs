@@ -418,15 +418,53 @@ impl Window {
         }
     }
 
-    /// Restores persisted counters (in-flight units are not restored: see `AccountState`).
-    pub fn restore(&mut self, counters: &WindowCounters, now: Millis) {
-        self.buckets = counters.buckets.iter().copied().collect();
-        self.committed = match self.def.expiry {
-            Expiry::Sliding { .. } => self.buckets.iter().map(|b| b.units).sum(),
-            Expiry::Fixed { .. } => counters.committed,
-        };
-        if matches!(self.def.expiry, Expiry::Fixed { .. }) {
-            self.period_end = counters.period_end;
+    /// Restores counters persisted at `saved_at` (in-flight units are not restored: see
+    /// `AccountState`), whatever expiry they were counted under — the operator may have turned a
+    /// sliding limit into a fixed one, or back, or changed a fixed one's schedule. Never fewer
+    /// units than the upstream may still count:
+    ///
+    /// - sliding ← sliding: the buckets as they are;
+    /// - fixed ← fixed (any schedule) and fixed ← sliding: the units held when saved (a sliding
+    ///   window's: those whose bucket has not expired), unless a reset of the current schedule
+    ///   fell between `saved_at` and `now` (all of them were counted before it). The period ends
+    ///   at the current schedule's next reset, never at a saved end the schedule no longer has;
+    /// - sliding ← fixed: the period's units, committed at the latest when the period ended (or
+    ///   now), held one window length after that.
+    pub fn restore(&mut self, counters: &WindowCounters, saved_at: Millis, now: Millis) {
+        // Only fixed windows have a period end: a sliding one saves 0.
+        let saved_sliding = counters.period_end == 0;
+        match (&self.def.expiry, saved_sliding) {
+            (Expiry::Sliding { .. }, true) => {
+                self.buckets = counters.buckets.iter().copied().collect();
+                self.committed = self.buckets.iter().map(|b| b.units).sum();
+            }
+            (Expiry::Sliding { per, bucket }, false) => {
+                let end = round_up(counters.period_end.min(now).saturating_add(*per), *bucket);
+                self.buckets = (counters.committed > 0 && end > now)
+                    .then_some(Bucket {
+                        end,
+                        units: counters.committed,
+                    })
+                    .into_iter()
+                    .collect();
+                self.committed = self.buckets.iter().map(|b| b.units).sum();
+            }
+            (Expiry::Fixed { schedule }, _) => {
+                let held = if saved_sliding {
+                    counters
+                        .buckets
+                        .iter()
+                        .filter(|b| b.end > saved_at)
+                        .map(|b| b.units)
+                        .sum()
+                } else {
+                    counters.committed
+                };
+                let reset_since = schedule.previous_at_or_before(now) > saved_at;
+                self.buckets.clear();
+                self.committed = if reset_since { 0 } else { held };
+                self.period_end = schedule.next_after(now);
+            }
         }
         self.ceiling = counters.ceiling;
         self.roll(now);
@@ -627,7 +665,7 @@ mod tests {
         w.commit(1, 1, 1_000);
         let saved = w.counters();
         let mut fresh = sliding(LimitKind::Requests, 5, 60_000);
-        fresh.restore(&saved, 2_000);
+        fresh.restore(&saved, 1_000, 2_000);
         assert_eq!(fresh.used(), 1);
         fresh.roll(62_000);
         assert_eq!(fresh.used(), 0);

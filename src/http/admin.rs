@@ -1067,8 +1067,44 @@ async fn read_json(payload: web::Payload) -> Result<Value, ApiError> {
         .await
         .map_err(|_| ApiError::PayloadTooLarge { limit: BODY_LIMIT })?
         .map_err(|e| ApiError::invalid(format!("cannot read the body: {e}"), None))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;
+    match nul_at(&value, "") {
+        Some(param) => Err(ApiError::invalid(
+            "a text holds a NUL character (\\u0000), which no name, key or value may contain",
+            Some(&param),
+        )),
+        None => Ok(value),
+    }
+}
+
+/// Where in `value` a string (or a key) holds a NUL, as a `param` path (`models[1].name`). Every
+/// admin body goes to the store, and Postgres refuses NUL in text: refused here, by name.
+fn nul_at(value: &Value, at: &str) -> Option<String> {
+    let join = |key: &str| {
+        if at.is_empty() {
+            key.to_string()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            Some(if at.is_empty() { ".".into() } else { at.into() })
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, &format!("{at}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "\\u0000")))
+            } else {
+                nul_at(v, &join(k))
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// A small body read directly; the field at fault becomes `param`.

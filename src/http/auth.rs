@@ -10,6 +10,7 @@ use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
 
 use super::error::ApiError;
+use super::throttle::AdminThrottle;
 use super::AppState;
 use crate::secrets::{self, Secret};
 use crate::store::{keys, settings, DbConn, StoreError};
@@ -28,6 +29,8 @@ pub struct Credentials {
     inner: Arc<RwLock<Known>>,
     /// A token set in the config (`security.admin_token`); its hash never lives in the store.
     configured_admin: Option<String>,
+    /// Failed admin-token attempts per client address.
+    throttle: Arc<AdminThrottle>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +45,7 @@ impl Credentials {
             inner: Arc::default(),
             configured_admin: (!configured_admin.is_empty())
                 .then(|| secrets::hash_token(configured_admin.expose())),
+            throttle: Arc::default(),
         }
     }
 
@@ -126,6 +130,24 @@ impl Credentials {
     }
 }
 
+/// Runs `check` on a request's token under the admin throttle: `Ok(passed)`, or a 429 while the
+/// client's address is locked out after too many failures (see [`super::throttle`]).
+fn throttled(
+    req: &HttpRequest,
+    credentials: &Credentials,
+    check: impl FnOnce() -> bool,
+) -> Result<bool, ApiError> {
+    let peer = req.peer_addr().map(|a| a.ip());
+    credentials
+        .throttle
+        .attempt(peer, std::time::Instant::now(), check)
+        .map_err(|wait| ApiError::RateLimited {
+            limit: "admin_auth".into(),
+            retry_after: wait.as_secs_f64(),
+            lower_bound: false,
+        })
+}
+
 /// The bearer token of a request, if any.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
     let value = req.headers().get("authorization")?.to_str().ok()?;
@@ -180,7 +202,8 @@ impl FromRequest for Admin {
                     "missing admin token: send `Authorization: Bearer <token>`".into(),
                 )
             })?;
-            if state(req)?.credentials.is_admin(token) {
+            let credentials = &state(req)?.credentials;
+            if throttled(req, credentials, || credentials.is_admin(token))? {
                 Ok(Admin)
             } else {
                 Err(ApiError::InvalidApiKey("not the admin token".into()))
@@ -208,13 +231,16 @@ impl FromRequest for Reader {
                 )
             })?;
             let credentials = &state(req)?.credentials;
-            if credentials.is_admin(token) {
-                return Ok(Reader::Admin);
-            }
-            credentials
-                .client(token)
-                .map(Reader::Client)
-                .ok_or_else(|| ApiError::InvalidApiKey("unknown token".into()))
+            let mut reader = None;
+            throttled(req, credentials, || {
+                reader = if credentials.is_admin(token) {
+                    Some(Reader::Admin)
+                } else {
+                    credentials.client(token).map(Reader::Client)
+                };
+                reader.is_some()
+            })?;
+            reader.ok_or_else(|| ApiError::InvalidApiKey("unknown token".into()))
         })())
     }
 }

@@ -1,8 +1,11 @@
 //! The one place where errors become HTTP answers: OpenAI-shaped bodies with the seed's codes.
 //!
 //! ```json
-//! {"error": {"message": "…", "type": "…", "code": "quota_exceeded", "reset_at": "…"}}
+//! {"error": {"message": "…", "type": "…", "param": null, "code": "quota_exceeded", "reset_at": "…"}}
 //! ```
+//!
+//! `message`, `type`, `param` and `code` are always there, as in OpenAI's own errors (`param` is
+//! a real JSON `null` when no field is at fault); the codes' extra fields follow API.md.
 //!
 //! Internal details (database messages, panics) are logged, never returned.
 
@@ -49,9 +52,11 @@ pub enum ApiError {
         retry_after: f64,
         lower_bound: bool,
     },
-    /// 429 `quota_exceeded`.
+    /// 429 `quota_exceeded`: `reset_at` is the earliest quota reset of the accounts serving the
+    /// model; `retry_after` the whole seconds from the refusal to it, rounded up (the
+    /// `Retry-After` header).
     #[error("quota exhausted on every account serving this model")]
-    QuotaExceeded { reset_at: Millis },
+    QuotaExceeded { reset_at: Millis, retry_after: u64 },
     /// 503 `no_account_available`.
     #[error("no active account serves this model")]
     NoAccountAvailable,
@@ -123,11 +128,13 @@ impl ApiError {
         let mut error = Map::new();
         error.insert("message".into(), json!(self.to_string()));
         error.insert("type".into(), json!(self.kind()));
+        let param = match self {
+            ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            _ => None,
+        };
+        error.insert("param".into(), json!(param));
         error.insert("code".into(), json!(self.code()));
         match self {
-            ApiError::InvalidRequest { param, .. } => {
-                error.insert("param".into(), json!(param));
-            }
             ApiError::RateLimited {
                 retry_after,
                 lower_bound,
@@ -140,7 +147,7 @@ impl ApiError {
                     error.insert("retry_after_is_lower_bound".into(), json!(true));
                 }
             }
-            ApiError::QuotaExceeded { reset_at } => {
+            ApiError::QuotaExceeded { reset_at, .. } => {
                 error.insert(
                     "reset_at".into(),
                     json!(to_datetime(*reset_at).to_rfc3339()),
@@ -166,7 +173,13 @@ impl ApiError {
                 retry_after: ((retry_at - now).max(0) as f64) / 1000.0,
                 lower_bound: *lower_bound,
             },
-            Verdict::QuotaExceeded { reset_at } => ApiError::QuotaExceeded { reset_at: *reset_at },
+            Verdict::QuotaExceeded { reset_at } => ApiError::QuotaExceeded {
+                reset_at: *reset_at,
+                // Whole seconds, rounded up: never earlier than the reset.
+                retry_after: u64::try_from(reset_at.saturating_sub(now).max(0))
+                    .unwrap_or(0)
+                    .div_ceil(1000),
+            },
             Verdict::Impossible {
                 limit,
                 limit_value,
@@ -209,9 +222,16 @@ impl ResponseError for ApiError {
             log::error!(event = "internal_error"; "{detail}");
         }
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::RateLimited { retry_after, .. } = self {
-            // Whole seconds, rounded up, as the header requires.
-            response.insert_header((header::RETRY_AFTER, retry_after.ceil().max(1.0).to_string()));
+        match self {
+            ApiError::RateLimited { retry_after, .. } => {
+                // Whole seconds, rounded up, as the header requires.
+                response
+                    .insert_header((header::RETRY_AFTER, retry_after.ceil().max(1.0).to_string()));
+            }
+            ApiError::QuotaExceeded { retry_after, .. } => {
+                response.insert_header((header::RETRY_AFTER, retry_after.to_string()));
+            }
+            _ => {}
         }
         response.json(self.body())
     }
@@ -223,6 +243,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(what) => ApiError::Conflict(format!("{what} already exists")),
             StoreError::Invalid(message) => ApiError::invalid(message, None),
+            // The last line of defence: every entry point refuses NUL before the store.
+            e if crate::store::is_nul_refusal(&e) => {
+                ApiError::invalid("text must not contain a NUL character", None)
+            }
             e if e.is_transient() => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
@@ -288,7 +312,10 @@ mod tests {
             (ApiError::InvalidApiKey("no".into()), 401, "invalid_api_key"),
             (ApiError::ModelNotFound("m".into()), 404, "model_not_found"),
             (
-                ApiError::QuotaExceeded { reset_at: 0 },
+                ApiError::QuotaExceeded {
+                    reset_at: 0,
+                    retry_after: 0,
+                },
                 429,
                 "quota_exceeded",
             ),
@@ -312,7 +339,10 @@ mod tests {
             "model"
         );
         assert_eq!(
-            body_of(&ApiError::QuotaExceeded { reset_at: 0 })["error"]["reset_at"],
+            body_of(&ApiError::QuotaExceeded {
+                reset_at: 0,
+                retry_after: 0
+            })["error"]["reset_at"],
             "1970-01-01T00:00:00+00:00"
         );
         assert_eq!(
@@ -321,6 +351,82 @@ mod tests {
                 message: "x".into()
             })["error"]["upstream_status"],
             503
+        );
+    }
+
+    /// One of each variant.
+    fn every_variant() -> Vec<ApiError> {
+        vec![
+            ApiError::invalid("x", Some("model")),
+            ApiError::invalid("x", None),
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::InvalidApiKey("no".into()),
+            ApiError::Forbidden("no".into()),
+            ApiError::ModelNotFound("m".into()),
+            ApiError::NotFound("x".into()),
+            ApiError::Conflict("x".into()),
+            ApiError::RateLimited {
+                limit: "cooldown".into(),
+                retry_after: 9.95,
+                lower_bound: false,
+            },
+            ApiError::QuotaExceeded {
+                reset_at: 0,
+                retry_after: 0,
+            },
+            ApiError::NoAccountAvailable,
+            ApiError::Upstream {
+                status: None,
+                message: "x".into(),
+            },
+            ApiError::UpstreamTimeout,
+            ApiError::Unavailable("x".into()),
+            ApiError::Internal("x".into()),
+        ]
+    }
+
+    #[test]
+    fn every_error_has_message_type_param_and_code_with_real_nulls() {
+        for e in every_variant() {
+            let body = body_of(&e);
+            let error = body["error"].as_object().unwrap();
+            for field in ["message", "type", "param", "code"] {
+                assert!(error.contains_key(field), "{field} missing: {body}");
+            }
+            assert!(error["message"].is_string() && error["type"].is_string());
+            assert!(error["code"].is_string(), "{body}");
+            let param_ok = error["param"].is_null() || error["param"].is_string();
+            assert!(param_ok, "{body}");
+            assert!(!body.to_string().contains("\"None\""), "{body}");
+        }
+        // The example of the issue: a cooldown refusal.
+        let cooldown = body_of(&ApiError::RateLimited {
+            limit: "cooldown".into(),
+            retry_after: 9.95,
+            lower_bound: false,
+        });
+        assert_eq!(cooldown["error"]["param"], Value::Null);
+        assert_eq!(
+            body_of(&ApiError::invalid("x", Some("model")))["error"]["param"],
+            "model"
+        );
+    }
+
+    #[test]
+    fn quota_exceeded_says_when_to_retry_in_whole_seconds_to_the_reset() {
+        let verdict = Verdict::QuotaExceeded { reset_at: 100_500 };
+        let e = ApiError::from_verdict(&verdict, 10_000, "messages");
+        let response = e.error_response();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers().get("retry-after").unwrap(), "91");
+        let at_reset = ApiError::from_verdict(&verdict, 100_500, "messages");
+        assert_eq!(
+            at_reset
+                .error_response()
+                .headers()
+                .get("retry-after")
+                .unwrap(),
+            "0"
         );
     }
 

@@ -13,6 +13,7 @@ pub mod session;
 pub mod stats;
 pub mod status_html;
 pub mod status_page;
+pub mod throttle;
 pub mod upstream;
 
 use std::time::Duration;
@@ -57,9 +58,44 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // its `x-request-id`.
     cfg.service(
         web::scope("")
+            .wrap(actix_web::middleware::from_fn(refuse_nul))
             .wrap(actix_web::middleware::from_fn(request_id))
-            .configure(routes),
+            .configure(routes)
+            .default_service(web::to(unknown_route)),
     );
+}
+
+/// An unknown path (or method) still gets the error envelope.
+async fn unknown_route(req: actix_web::HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError as _;
+    error::ApiError::NotFound(format!("no route {} {}", req.method(), req.path())).error_response()
+}
+
+/// Refuses a URL holding an encoded NUL (`%00`) before any handler sees it: no id, name or query
+/// value can hold one, and Postgres refuses it in text (a lookup would fail as a 500 instead of
+/// finding nothing). A raw NUL cannot reach here: the HTTP parser refuses it.
+async fn refuse_nul(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    use actix_web::ResponseError as _;
+    let url = req.uri().path_and_query().map_or("", |p| p.as_str());
+    if url
+        .as_bytes()
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    {
+        let refusal = error::ApiError::invalid(
+            "the URL holds a NUL character (%00), which no id, name or parameter may contain",
+            None,
+        )
+        .error_response();
+        return Ok(req.into_response(refusal).map_into_right_body());
+    }
+    next.call(req).await.map(|r| r.map_into_left_body())
 }
 
 /// The id of a request: the client's `x-request-id` when it sent a usable one, else a new uuid.
@@ -165,15 +201,18 @@ async fn healthz() -> HttpResponse {
 #[derive(Debug, Serialize)]
 struct Readiness {
     ready: bool,
-    database: String,
-    redis: String,
+    /// `ok` or `unhealthy`.
+    database: &'static str,
+    /// `ok`, `unhealthy` or `disabled`.
+    redis: &'static str,
     /// Pools and accounts loaded in the actor runtime.
     pools: usize,
     accounts: usize,
 }
 
 /// Ready when the database answers; Redis is reported but does not make the gateway unready
-/// (it degrades to memory-only state).
+/// (it degrades to memory-only state). The route needs no token, so it says only healthy or
+/// unhealthy per dependency: what went wrong (hosts, users, database names) goes to the log.
 #[utoipa::path(
     tag = "operations",
     responses(
@@ -186,24 +225,28 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let store = state.store.clone();
     let database = match tokio::time::timeout(PROBE_TIMEOUT, web::block(move || store.ping())).await
     {
-        Ok(Ok(Ok(()))) => "ok".to_string(),
-        Ok(Ok(Err(e))) => format!("error: {e}"),
-        Ok(Err(e)) => format!("error: {e}"),
-        Err(_) => format!("error: no answer within {PROBE_TIMEOUT:?}"),
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
     };
     let redis = match &state.redis {
-        None => "disabled".to_string(),
-        Some(client) => match crate::sync::ping(client, PROBE_TIMEOUT).await {
-            Ok(()) => "ok".to_string(),
-            Err(problem) => format!("down: {problem}"),
-        },
+        None => None,
+        Some(client) => Some(crate::sync::ping(client, PROBE_TIMEOUT).await),
     };
-    let ready = database == "ok";
+    if let Err(problem) = &database {
+        log::warn!(event = "readiness_failed", target = "database"; "readiness probe: the database does not answer: {problem}");
+    }
+    if let Some(Err(problem)) = &redis {
+        log::warn!(event = "readiness_failed", target = "redis"; "readiness probe: Redis does not answer: {problem}");
+    }
+    let health = |ok: bool| if ok { "ok" } else { "unhealthy" };
+    let ready = database.is_ok();
     let registry = state.runtime.registry();
     let body = Readiness {
         ready,
-        database,
-        redis,
+        database: health(ready),
+        redis: redis.map_or("disabled", |r| health(r.is_ok())),
         pools: registry.providers().len(),
         accounts: registry.accounts().len(),
     };

@@ -97,7 +97,8 @@ async fn document() -> HttpResponse {
         .body(json())
 }
 
-/// The error envelope of every error answer (OpenAI's shape, with the seed's codes).
+/// The error envelope of every error answer (OpenAI's shape, with the seed's codes): `message`,
+/// `type`, `param` and `code` always, the code's extra fields where API.md lists them.
 #[allow(dead_code)] // documents `ApiError::body`
 #[derive(ToSchema)]
 pub struct ErrorBody {
@@ -115,7 +116,8 @@ pub struct ErrorDetail {
     /// `quota_exceeded`, `no_account_available`, `upstream_error`, `upstream_timeout`,
     /// `not_found`, `conflict`, `forbidden`, …
     code: String,
-    /// The field at fault (400).
+    /// The field at fault (400); always present, `null` when no field is at fault.
+    #[schema(required = true)]
     param: Option<String>,
     /// Seconds (429 `rate_limit_exceeded`).
     retry_after: Option<f64>,
@@ -226,11 +228,33 @@ pub mod operations {
     #[derive(ToSchema)]
     pub struct Readiness {
         ready: bool,
-        /// `ok` or `error: …`.
+        /// `ok` or `unhealthy` (details only in the log).
         database: String,
-        /// `ok`, `disabled` or `down: …`.
+        /// `ok`, `unhealthy` or `disabled` (details only in the log).
         redis: String,
         pools: usize,
         accounts: usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_envelope_always_has_message_type_param_and_code() {
+        let doc: serde_json::Value = serde_json::from_str(json()).unwrap();
+        let detail = &doc["components"]["schemas"]["ErrorDetail"];
+        let required: Vec<&str> = detail["required"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no required list: {detail}"))
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for field in ["message", "type", "param", "code"] {
+            assert!(required.contains(&field), "{field} not required: {detail}");
+        }
+        let param = detail["properties"]["param"].to_string();
+        assert!(param.contains("null"), "param is nullable: {param}");
     }
 }

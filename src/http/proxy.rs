@@ -6,9 +6,11 @@
 //! Settling follows API.md: once anything may have reached the upstream the reservation is
 //! committed (real usage from the answer; the request slot and no tokens for an error answer; the
 //! estimate when the outcome is unknown), and it is released only when the connection could not
-//! even be opened. An upstream 429 cools the account down, a 401/403 disables it, and both are
-//! retried on another account; connection errors, timeouts and 5xx are retried up to
-//! `upstream.retries` times. Retries happen only before the first byte went to the client.
+//! even be opened. An upstream 429 cools the account down, a 401 disables it, a 403 keeps it away
+//! from that model for `upstream.forbidden_cooldown`, and each is retried on another account — but
+//! one request takes at most one account out: a second 401/403 goes back to the client as it is.
+//! Connection errors, timeouts and 5xx are retried up to `upstream.retries` times. Retries happen
+//! only before the first byte went to the client.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -26,11 +28,12 @@ use serde_json::json;
 use super::auth::{Caller, ClientKey};
 use super::error::ApiError;
 use super::openai::{Endpoint, ProxyRequest};
-use super::upstream::{rate_headers, retry_after_ms};
+use super::upstream::{rate_headers, wait_after_429};
 use super::AppState;
 use crate::actors::{AcquireError, Reservation};
 use crate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
 use crate::domain::estimate;
+use crate::domain::time::duration_ms;
 use crate::domain::Tokenizer;
 use crate::store::logs::NewRequestLog;
 
@@ -263,6 +266,8 @@ async fn forward(
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut failures = 0u32;
     let mut last_failure: Option<ApiError> = None;
+    // The upstream's answer that took an account out (401/403); only one per request.
+    let mut took_out: Option<HttpResponse> = None;
     for _ in 0..MAX_ATTEMPTS {
         let acquired = state
             .runtime
@@ -280,6 +285,12 @@ async fn forward(
             Err(AcquireError::Refused(verdict)) => {
                 if let Some(failure) = last_failure {
                     return Err(failure);
+                }
+                if let Some(answer) = took_out {
+                    // No other account could serve: the upstream's own refusal says more than a
+                    // cooldown would.
+                    record.done(answer.status().as_u16(), 0, 0, None);
+                    return Ok(answer);
                 }
                 let now = state.runtime.clock().now_ms();
                 let param = match &verdict {
@@ -310,9 +321,10 @@ async fn forward(
             .spec
             .model(&lease.model)
             .map_or((0.0, 0.0), |m| (m.price_input, m.price_output));
-        match attempt(&request, lease, state, client, record).await {
+        match attempt(&request, lease, state, client, record, took_out.is_none()).await {
             Attempt::Answered(response) => return Ok(response),
             Attempt::TryAnother => {}
+            Attempt::TookOut(answer) => took_out = Some(answer),
             Attempt::Failed(error) => {
                 failures += 1;
                 if failures > settings.retries {
@@ -322,14 +334,24 @@ async fn forward(
             }
         }
     }
-    Err(last_failure.unwrap_or(ApiError::NoAccountAvailable))
+    match (last_failure, took_out) {
+        (Some(failure), _) => Err(failure),
+        (None, Some(answer)) => {
+            record.done(answer.status().as_u16(), 0, 0, None);
+            Ok(answer)
+        }
+        (None, None) => Err(ApiError::NoAccountAvailable),
+    }
 }
 
 enum Attempt {
     /// An answer for the client (success, streamed, or an upstream 4xx returned as it is).
     Answered(HttpResponse),
-    /// The account could not serve (429, 401/403): try another, without counting a failure.
+    /// The account could not serve (429, no credentials): try another, without counting a failure.
     TryAnother,
+    /// The upstream refused the account (401 disabled it, 403 cooled it down for the model): try
+    /// another; this answer goes back to the client if none can serve.
+    TookOut(HttpResponse),
     /// The upstream failed (connection, timeout, 5xx): retry within `upstream.retries`.
     Failed(ApiError),
 }
@@ -396,6 +418,7 @@ async fn attempt(
     state: &web::Data<AppState>,
     client: &awc::Client,
     record: &mut Record,
+    may_take_out: bool,
 ) -> Attempt {
     let spec = &lease.provider.spec;
     let Some(credentials) = lease.account.credentials.clone() else {
@@ -457,7 +480,11 @@ async fn attempt(
         }
     };
     let status = response.status();
-    let headers = rate_headers(response.headers());
+    let headers = rate_headers(
+        response.headers(),
+        state.runtime.clock().now_ms(),
+        state.upstream.max_cooldown,
+    );
     let remaining = (lease.remaining_requests, lease.remaining_tokens);
     if status.is_success() && request.stream {
         let tokenizer = spec.upstream.tokenizer;
@@ -526,25 +553,31 @@ async fn attempt(
         }
         429 => {
             let now = state.runtime.clock().now_ms();
-            let retry_after = retry_after_ms(response.headers(), now);
-            guard.commit(
-                Usage::RequestOnly,
-                feedback(
-                    UpstreamOutcome::RateLimited {
-                        retry_after_ms: retry_after,
-                    },
-                    started,
-                    headers,
-                ),
-            );
+            let wait = wait_after_429(response.headers(), &body, now, state.upstream.max_cooldown);
+            let outcome = UpstreamOutcome::RateLimited {
+                retry_after_ms: wait.map(|w| w.ms),
+                capped: wait.is_some_and(|w| w.capped()),
+            };
+            guard.commit(Usage::RequestOnly, feedback(outcome, started, headers));
             Attempt::TryAnother
         }
-        401 | 403 => {
-            guard.commit(
-                Usage::RequestOnly,
-                feedback(UpstreamOutcome::Unauthorized, started, headers),
-            );
-            Attempt::TryAnother
+        401 | 403 if may_take_out => {
+            let outcome = if status.as_u16() == 401 {
+                UpstreamOutcome::Unauthorized
+            } else {
+                UpstreamOutcome::Forbidden {
+                    model: lease.model.clone(),
+                    cooldown_ms: duration_ms(state.upstream.forbidden_cooldown),
+                }
+            };
+            guard.commit(Usage::RequestOnly, feedback(outcome, started, headers));
+            Attempt::TookOut(as_is(
+                status,
+                body,
+                &lease.provider.spec.name,
+                &lease.account.id,
+                remaining,
+            ))
         }
         500..=599 => {
             guard.commit(
@@ -558,23 +591,36 @@ async fn attempt(
             })
         }
         _ => {
-            // The request itself was wrong for the upstream: its answer goes back as it is.
-            guard.commit(
-                Usage::RequestOnly,
-                feedback(UpstreamOutcome::Success, started, headers),
-            );
+            // The request itself was wrong for the upstream, or a second 401/403 in this request
+            // (which takes nothing out): its answer goes back as it is.
+            let health = (!matches!(status.as_u16(), 401 | 403))
+                .then(|| feedback(UpstreamOutcome::Success, started, headers))
+                .flatten();
+            guard.commit(Usage::RequestOnly, health);
             record.done(status.as_u16(), 0, 0, None);
-            let mut builder = HttpResponse::build(status);
-            builder.insert_header((CONTENT_TYPE, "application/json"));
-            add_quota_headers(
-                &mut builder,
+            Attempt::Answered(as_is(
+                status,
+                body,
                 &lease.provider.spec.name,
                 &lease.account.id,
                 remaining,
-            );
-            Attempt::Answered(builder.body(body))
+            ))
         }
     }
+}
+
+/// An upstream answer for the client as it came, with the quota headers.
+fn as_is(
+    status: StatusCode,
+    body: Bytes,
+    provider: &str,
+    account_id: &str,
+    remaining: (Option<u64>, Option<u64>),
+) -> HttpResponse {
+    let mut builder = HttpResponse::build(status);
+    builder.insert_header((CONTENT_TYPE, "application/json"));
+    add_quota_headers(&mut builder, provider, account_id, remaining);
+    builder.body(body)
 }
 
 fn add_quota_headers(

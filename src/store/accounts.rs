@@ -107,6 +107,14 @@ pub fn set_active(
     super::settings::bump_catalog(conn)
 }
 
+/// When each account was created (`(id, created_at)`): the restore needs it to tell an account
+/// that no copy holds because it is new from one that was never synced.
+pub fn created_times(conn: &mut DbConn) -> Result<Vec<(String, NaiveDateTime)>, StoreError> {
+    Ok(accounts::table
+        .select((accounts::id, accounts::created_at))
+        .load(conn)?)
+}
+
 /// All accounts (optionally of one provider), with their provider's name, by provider then name.
 pub fn list(
     conn: &mut DbConn,

@@ -46,10 +46,21 @@ impl NewAudit {
 }
 
 /// Audit rows are few (state changes, not requests): one statement each keeps this portable.
+/// A reason may quote text from outside (an operator's words, an upstream's): NULs become U+FFFD,
+/// as Postgres refuses them.
 pub fn insert(conn: &mut DbConn, rows: &[NewAudit]) -> Result<(), StoreError> {
     for row in rows {
+        let clean = |t: &str| super::without_nul(t).into_owned();
+        let row = NewAudit {
+            account_id: clean(&row.account_id),
+            actor: clean(&row.actor),
+            action: clean(&row.action),
+            reason: clean(&row.reason),
+            details: row.details.as_deref().map(clean),
+            ts: row.ts,
+        };
         diesel::insert_into(account_audit::table)
-            .values(row)
+            .values(&row)
             .execute(conn)?;
     }
     Ok(())

@@ -32,6 +32,55 @@ pub struct NewRequestLog {
     pub estimated_cost: f64,
 }
 
+impl NewRequestLog {
+    fn texts(&self) -> [Option<&str>; 9] {
+        [
+            Some(&self.request_id),
+            Some(&self.provider_id),
+            self.account_id.as_deref(),
+            Some(&self.model),
+            self.user_id.as_deref(),
+            Some(&self.method),
+            Some(&self.endpoint),
+            self.error_type.as_deref(),
+            self.error_message.as_deref(),
+        ]
+    }
+
+    fn has_nul(&self) -> bool {
+        self.texts().into_iter().flatten().any(|t| t.contains('\0'))
+    }
+
+    /// The row with every NUL replaced by U+FFFD.
+    fn without_nul(&self) -> NewRequestLog {
+        let clean = |t: &String| super::without_nul(t).into_owned();
+        NewRequestLog {
+            request_id: clean(&self.request_id),
+            provider_id: clean(&self.provider_id),
+            account_id: self.account_id.as_ref().map(clean),
+            model: clean(&self.model),
+            user_id: self.user_id.as_ref().map(clean),
+            method: clean(&self.method),
+            endpoint: clean(&self.endpoint),
+            error_type: self.error_type.as_ref().map(clean),
+            error_message: self.error_message.as_ref().map(clean),
+            ..self.clone()
+        }
+    }
+}
+
+/// `rows` with every NUL in their text replaced by U+FFFD (borrowed when there is none). Client
+/// text (a model name) and upstream text (an error message) may hold NUL, which Postgres refuses
+/// in any text column: such a row would be lost, and its batch's COPY with it. Cleaned on both
+/// backends, so both store the same row.
+pub(super) fn without_nuls(rows: &[NewRequestLog]) -> std::borrow::Cow<'_, [NewRequestLog]> {
+    if rows.iter().any(NewRequestLog::has_nul) {
+        std::borrow::Cow::Owned(rows.iter().map(NewRequestLog::without_nul).collect())
+    } else {
+        std::borrow::Cow::Borrowed(rows)
+    }
+}
+
 /// Inserts `rows` in one transaction, in chunks that stay under both backends' bind limits.
 /// Only the log: [`super::stats::record_batch`] also keeps the daily rollups up to date.
 pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
@@ -40,8 +89,9 @@ pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), Sto
 
 /// The statements of [`insert_batch`], for callers that already hold a transaction. Postgres
 /// takes the rows as one binary `COPY` (several times faster than an `INSERT` with thousands of
-/// parameters); SQLite as multi-row `INSERT`s under its bind limit.
+/// parameters); SQLite with one cached prepared `INSERT` per row.
 pub(super) fn insert_rows(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
+    let rows = &*without_nuls(rows);
     match conn {
         DbConn::Postgres(c) => {
             diesel::copy_from(request_logs::table)

@@ -76,6 +76,26 @@ impl StoreError {
     }
 }
 
+/// `text` with every NUL replaced by U+FFFD: Postgres refuses the NUL character in text columns
+/// (SQLite would take it), and text that reaches the store from outside — a client's model name,
+/// an upstream's error message — may hold one. Borrowed when there is none (the usual case).
+pub fn without_nul(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// Whether `error` is Postgres refusing a NUL character in text (SQLSTATE 22021, "invalid byte
+/// sequence for encoding UTF8: 0x00"): bad input, not a failure of the store.
+pub fn is_nul_refusal(error: &StoreError) -> bool {
+    match error {
+        StoreError::Query(DieselError::DatabaseError(_, info)) => info.message().contains("0x00"),
+        _ => false,
+    }
+}
+
 /// Maps a unique-constraint violation to `Conflict(what)`, leaving other errors as they are.
 pub(crate) fn conflict_as(what: impl Into<String>) -> impl FnOnce(DieselError) -> StoreError {
     move |e| match e {

@@ -298,6 +298,8 @@ pub fn record_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), Sto
     if rows.is_empty() {
         return Ok(());
     }
+    // The rollups key on the model name too: cleaned once, for both.
+    let rows = &*logs::without_nuls(rows);
     let rollup = Rollup::of(rows);
     conn.transaction(|conn| {
         logs::insert_rows(conn, rows)?;

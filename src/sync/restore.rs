@@ -3,8 +3,18 @@
 //! process left no clean-shutdown mark, the unknown gap to charge.
 //!
 //! The gap: each copy's heartbeat says until when everything was written there. The process died
-//! before its next tick, so before `heartbeat + interval` of the copy that was written last; what
-//! happened between the chosen copy's heartbeat and that moment is unknown and is charged.
+//! before its next sign of life — the next tick of a copy (`heartbeat + interval`) or of the crash
+//! mark in `data_dir` (`alive_at + every`, written whatever the copies do), whichever is latest;
+//! what happened between the chosen copy's heartbeat and that moment is unknown and is charged.
+//! No gap is charged when the crash mark says the runtime was idle (nothing admitted since the
+//! last complete copy: see [`super::mark`]).
+//!
+//! Accounts the copies miss are charged too: one with no copy at all that existed while the
+//! previous process ran (created, or never synced, since the last complete copy) gets the gap
+//! since the latest heartbeat or its creation, whichever is later; one whose copy cannot be read
+//! gets every window filled (its counters are unknown), and a version above the unreadable
+//! copy's, so that its next writes are not refused as older. The very first start, and accounts
+//! created since the previous process died, are charged nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +23,8 @@ use std::time::Duration;
 use crate::actors::supervisor::Restored;
 use crate::domain::account::AccountState;
 use crate::domain::time::{duration_ms, Millis};
-use crate::store::{settings, state, Store};
+use crate::store::{accounts, settings, state, Store};
+use crate::sync::mark::Mark;
 
 use super::redis_link::{account_key, classify, HEARTBEAT_KEY};
 
@@ -34,19 +45,26 @@ pub struct RestorePlan {
 #[derive(Debug, Default)]
 struct Copy {
     states: HashMap<Arc<str>, AccountState>,
+    /// When each account was created (the database's copy only).
+    created: HashMap<Arc<str>, Millis>,
+    /// Accounts whose saved state could not be read, with the version it was stored at (0 when
+    /// even that is unknown).
+    unreadable: HashMap<Arc<str>, u64>,
     heartbeat: Option<Millis>,
 }
 
-/// Reads both copies and plans the restore of `accounts`.
+/// Reads both copies and plans the restore of `accounts`, given the crash mark the previous
+/// process left (if any).
 pub async fn plan(
     store: &Store,
     redis: Option<&redis::Client>,
     accounts: &[Arc<str>],
-    redis_interval: Duration,
-    database_interval: Duration,
+    intervals: (Duration, Duration),
+    mark: Option<Mark>,
     now: Millis,
 ) -> Result<RestorePlan, String> {
-    let (database, clean) = read_database(store.clone()).await?;
+    let (redis_interval, database_interval) = intervals;
+    let (database, ending) = read_database(store.clone()).await?;
     let from_redis = match redis {
         Some(client) => {
             match tokio::time::timeout(REDIS_WAIT, read_redis(client, accounts)).await {
@@ -66,83 +84,188 @@ pub async fn plan(
     Ok(choose(
         &database,
         &from_redis,
-        clean,
-        redis_interval,
-        database_interval,
+        Previous {
+            clean: ending == Ending::Clean,
+            ran: ending != Ending::FirstStart,
+            mark,
+            redis_interval,
+            database_interval,
+        },
+        accounts,
         now,
     ))
+}
+
+/// How the previous process ended, as the database's shutdown mark says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// No process ever started on this database.
+    FirstStart,
+    Clean,
+    /// It started, and did not leave the clean-shutdown mark.
+    Unclean,
+}
+
+/// How the previous process ended, as far as the database and `data_dir` tell.
+#[derive(Debug, Clone, Copy)]
+struct Previous {
+    /// The database holds the clean-shutdown mark.
+    clean: bool,
+    /// A process ran on this database before (it left a shutdown mark, clean or not).
+    ran: bool,
+    mark: Option<Mark>,
+    redis_interval: Duration,
+    database_interval: Duration,
 }
 
 /// Picks the higher version per account and the gap to charge (pure, tested directly).
 fn choose(
     database: &Copy,
     redis: &Copy,
-    clean: bool,
-    redis_interval: Duration,
-    database_interval: Duration,
+    previous: Previous,
+    accounts: &[Arc<str>],
     now: Millis,
 ) -> RestorePlan {
+    // A mark older than the copies' last write was left by an earlier process (this one could
+    // not write its own): it says nothing about the last run.
+    let newest_copy = [database.heartbeat, redis.heartbeat]
+        .into_iter()
+        .flatten()
+        .max();
+    let mut previous = previous;
+    previous.mark = previous
+        .mark
+        .filter(|m| newest_copy.is_none_or(|h| m.died_before().saturating_add(m.every_ms) >= h));
     let died_before = [
-        redis.heartbeat.map(|h| h + duration_ms(redis_interval)),
+        redis
+            .heartbeat
+            .map(|h| h.saturating_add(duration_ms(previous.redis_interval))),
         database
             .heartbeat
-            .map(|h| h + duration_ms(database_interval)),
+            .map(|h| h.saturating_add(duration_ms(previous.database_interval))),
+        previous.mark.map(|m| m.died_before()),
     ]
     .into_iter()
     .flatten()
     .max()
     .unwrap_or(now)
     .min(now);
+    let idle = previous.mark.is_some_and(|m| m.idle_since.is_some());
+    let charged = !previous.clean && !idle;
+    // An account no copy holds was not there (or not changed) when the last copy was written.
+    let last_copy = [database.heartbeat, redis.heartbeat]
+        .into_iter()
+        .flatten()
+        .max()
+        .or(previous.mark.map(|m| m.started_at))
+        .unwrap_or(died_before);
     let mut plan = RestorePlan {
-        clean,
+        clean: previous.clean,
         ..RestorePlan::default()
     };
-    let ids: std::collections::HashSet<&Arc<str>> =
-        database.states.keys().chain(redis.states.keys()).collect();
+    let ids: std::collections::HashSet<&Arc<str>> = accounts
+        .iter()
+        .chain(database.states.keys())
+        .chain(redis.states.keys())
+        .chain(database.unreadable.keys())
+        .chain(redis.unreadable.keys())
+        .collect();
     for id in ids {
-        let (state, copy, from_redis) = match (database.states.get(id), redis.states.get(id)) {
-            (Some(d), Some(r)) if r.version > d.version => (r, redis, true),
-            (Some(d), _) => (d, database, false),
-            (None, Some(r)) => (r, redis, true),
-            (None, None) => continue,
+        let floor = [database.unreadable.get(id), redis.unreadable.get(id)]
+            .into_iter()
+            .flatten()
+            .max()
+            .copied();
+        let readable = match (database.states.get(id), redis.states.get(id)) {
+            (Some(d), Some(r)) if r.version > d.version => Some((r, redis, true)),
+            (Some(d), _) => Some((d, database, false)),
+            (None, Some(r)) => Some((r, redis, true)),
+            (None, None) => None,
         };
-        let known_until = copy.heartbeat.unwrap_or(state.saved_at).max(state.saved_at);
-        let gap = (!clean).then(|| (died_before - known_until).max(0));
-        if from_redis {
-            plan.from_redis += 1;
-        } else {
-            plan.from_database += 1;
-        }
-        plan.saved.insert(
-            id.clone(),
-            Restored {
-                state: state.clone(),
-                gap,
+        let restored = match (readable, floor) {
+            (Some((state, copy, from_redis)), _) => {
+                if from_redis {
+                    plan.from_redis += 1;
+                } else {
+                    plan.from_database += 1;
+                }
+                let known_until = copy.heartbeat.unwrap_or(state.saved_at).max(state.saved_at);
+                let mut state = state.clone();
+                state.version = state.version.max(floor.unwrap_or(0));
+                Restored {
+                    state,
+                    gap: charged.then(|| died_before.saturating_sub(known_until).max(0)),
+                }
+            }
+            (None, Some(version)) => Restored {
+                state: AccountState::unreadable(version),
+                gap: charged.then(|| died_before.saturating_sub(last_copy).max(0)),
             },
-        );
+            (None, None) => {
+                let created = database.created.get(id).copied().unwrap_or(0);
+                // New since the previous process died (or no process ran before): it has no
+                // history to charge.
+                if !charged || !previous.ran || created >= died_before {
+                    continue;
+                }
+                Restored {
+                    state: AccountState::missing(),
+                    gap: Some(died_before.saturating_sub(last_copy.max(created)).max(0)),
+                }
+            }
+        };
+        plan.saved.insert(id.clone(), restored);
     }
     plan
 }
 
-async fn read_database(store: Store) -> Result<(Copy, bool), String> {
+async fn read_database(store: Store) -> Result<(Copy, Ending), String> {
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().map_err(|e| e.to_string())?;
-        let clean = settings::get(&mut conn, settings::SHUTDOWN_MARK).map_err(|e| e.to_string())?.as_deref() == Some("clean");
+        let ending = match settings::get(&mut conn, settings::SHUTDOWN_MARK)
+            .map_err(|e| e.to_string())?
+            .as_deref()
+        {
+            None => Ending::FirstStart,
+            Some("clean") => Ending::Clean,
+            Some(_) => Ending::Unclean,
+        };
+        let created = accounts::created_times(&mut conn)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(id, at)| (Arc::from(id.as_str()), at.and_utc().timestamp_millis()))
+            .collect();
         let heartbeat = settings::get(&mut conn, settings::HEARTBEAT)
             .map_err(|e| e.to_string())?
             .and_then(|v| v.parse().ok());
         let mut states = HashMap::new();
+        let mut unreadable = HashMap::new();
         for row in state::list(&mut conn).map_err(|e| e.to_string())? {
             match serde_json::from_str::<AccountState>(&row.state) {
                 Ok(s) => {
                     states.insert(Arc::from(row.account_id.as_str()), s);
                 }
-                Err(e) => log::error!(account_id = row.account_id.as_str(); "ignoring an unreadable saved state: {e}"),
+                Err(e) => {
+                    log::error!(
+                        account_id = row.account_id.as_str();
+                        "unreadable saved state: its windows restart full, and it is replaced at the next sync: {e}"
+                    );
+                    let version = u64::try_from(row.version).unwrap_or(0);
+                    unreadable.insert(Arc::from(row.account_id.as_str()), version);
+                }
             }
         }
         // From now on a stop without a final flush must be detectable.
         settings::put(&mut conn, settings::SHUTDOWN_MARK, "running").map_err(|e| e.to_string())?;
-        Ok((Copy { states, heartbeat }, clean))
+        Ok((
+            Copy {
+                states,
+                created,
+                unreadable,
+                heartbeat,
+            },
+            ending,
+        ))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -160,6 +283,7 @@ async fn read_redis(client: &redis::Client, accounts: &[Arc<str>]) -> Result<Cop
         .await
         .map_err(|e| classify(&addr, &e).to_string())?;
     let mut states = HashMap::new();
+    let mut unreadable = HashMap::new();
     for chunk in accounts.chunks(1000) {
         let keys: Vec<String> = chunk.iter().map(|id| account_key(id)).collect();
         let values: Vec<Option<String>> = redis::cmd("MGET")
@@ -174,18 +298,30 @@ async fn read_redis(client: &redis::Client, accounts: &[Arc<str>]) -> Result<Cop
                         states.insert(id.clone(), s);
                     }
                     Err(e) => {
-                        log::error!(account_id = &**id; "ignoring an unreadable Redis state: {e}")
+                        log::error!(account_id = &**id; "unreadable Redis state: its windows restart full: {e}");
+                        // The version, if that much can be read, keeps the next writes newer.
+                        let version = serde_json::from_str::<serde_json::Value>(&json)
+                            .ok()
+                            .and_then(|v| v.get("version")?.as_u64())
+                            .unwrap_or(0);
+                        unreadable.insert(id.clone(), version);
                     }
                 }
             }
         }
     }
-    Ok(Copy { states, heartbeat })
+    Ok(Copy {
+        states,
+        unreadable,
+        heartbeat,
+        ..Copy::default()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::account::SavedCopy;
 
     fn state(version: u64, saved_at: Millis) -> AccountState {
         AccountState {
@@ -201,18 +337,49 @@ mod tests {
                 .iter()
                 .map(|(id, v, at)| (Arc::from(*id), state(*v, *at)))
                 .collect(),
-            heartbeat,
+            ..Copy::default()
+        }
+        .with_heartbeat(heartbeat)
+    }
+
+    impl Copy {
+        fn with_heartbeat(mut self, heartbeat: Option<Millis>) -> Copy {
+            self.heartbeat = heartbeat;
+            self
         }
     }
 
     const S: Duration = Duration::from_secs(1);
     const FIVE: Duration = Duration::from_secs(5);
 
+    fn previous(clean: bool, mark: Option<Mark>) -> Previous {
+        Previous {
+            clean,
+            ran: true,
+            mark,
+            redis_interval: S,
+            database_interval: FIVE,
+        }
+    }
+
+    fn ids(list: &[&str]) -> Vec<Arc<str>> {
+        list.iter().map(|id| Arc::from(*id)).collect()
+    }
+
+    fn mark(alive_at: Millis, idle_since: Option<Millis>) -> Mark {
+        Mark {
+            started_at: 1_000,
+            alive_at,
+            every_ms: 1_000,
+            idle_since,
+        }
+    }
+
     #[test]
     fn the_higher_version_wins_whatever_the_clocks_say() {
         let db = copy(&[("a", 5, 9_000), ("b", 9, 1_000)], Some(10_000));
         let redis = copy(&[("a", 7, 2_000), ("b", 3, 9_999)], Some(12_000));
-        let plan = choose(&db, &redis, true, S, FIVE, 20_000);
+        let plan = choose(&db, &redis, previous(true, None), &ids(&["a", "b"]), 20_000);
         assert_eq!(plan.saved[&Arc::from("a")].state.version, 7);
         assert_eq!(plan.saved[&Arc::from("b")].state.version, 9);
         assert_eq!((plan.from_redis, plan.from_database), (1, 1));
@@ -226,7 +393,13 @@ mod tests {
     fn after_a_crash_the_gap_runs_from_the_copys_heartbeat_to_the_last_possible_tick() {
         let db = copy(&[("a", 5, 9_000)], Some(10_000));
         let redis = copy(&[("b", 2, 11_000)], Some(12_000));
-        let plan = choose(&db, &redis, false, S, FIVE, 60_000);
+        let plan = choose(
+            &db,
+            &redis,
+            previous(false, None),
+            &ids(&["a", "b"]),
+            60_000,
+        );
         // The process was alive at 12 000 (Redis) and died before 15 000 (db heartbeat + 5 s).
         assert_eq!(plan.saved[&Arc::from("a")].gap, Some(5_000));
         assert_eq!(plan.saved[&Arc::from("b")].gap, Some(3_000));
@@ -235,7 +408,156 @@ mod tests {
     #[test]
     fn without_any_heartbeat_the_gap_runs_until_now() {
         let db = copy(&[("a", 1, 1_000)], None);
-        let plan = choose(&db, &Copy::default(), false, S, FIVE, 4_000);
+        let plan = choose(
+            &db,
+            &Copy::default(),
+            previous(false, None),
+            &ids(&["a"]),
+            4_000,
+        );
         assert_eq!(plan.saved[&Arc::from("a")].gap, Some(3_000));
+    }
+
+    #[test]
+    fn the_crash_mark_ends_the_gap_where_the_process_was_last_alive_though_no_copy_was_written() {
+        // Both copies stopped at 10 000 (database and Redis down); the process lived on until
+        // 3 600 000 and died before its next mark, 1 s later.
+        let db = copy(&[("a", 5, 9_000)], Some(10_000));
+        let redis = copy(&[("a", 5, 9_000)], Some(10_000));
+        let plan = choose(
+            &db,
+            &redis,
+            previous(false, Some(mark(3_600_000, None))),
+            &ids(&["a"]),
+            4_000_000,
+        );
+        assert_eq!(plan.saved[&Arc::from("a")].gap, Some(3_591_000));
+    }
+
+    #[test]
+    fn an_idle_crash_mark_charges_no_gap() {
+        let db = copy(&[("a", 5, 9_000)], Some(10_000));
+        let plan = choose(
+            &db,
+            &Copy::default(),
+            previous(false, Some(mark(60_000, Some(11_000)))),
+            &ids(&["a", "new"]),
+            90_000,
+        );
+        assert_eq!(plan.saved[&Arc::from("a")].gap, None);
+        assert!(!plan.saved.contains_key(&Arc::from("new")));
+    }
+
+    #[test]
+    fn a_mark_older_than_the_last_copy_is_not_trusted() {
+        // An idle mark from an earlier run, then a run that could not write its own and crashed
+        // after writing a copy at 500 000.
+        let db = copy(&[("a", 5, 490_000)], Some(500_000));
+        let plan = choose(
+            &db,
+            &Copy::default(),
+            previous(false, Some(mark(60_000, Some(11_000)))),
+            &ids(&["a"]),
+            600_000,
+        );
+        assert_eq!(
+            plan.saved[&Arc::from("a")].gap,
+            Some(5_000),
+            "charged as busy"
+        );
+    }
+
+    #[test]
+    fn an_account_no_copy_holds_is_charged_the_gap_since_the_last_copy() {
+        let db = copy(&[("a", 5, 9_000)], Some(10_000));
+        let plan = choose(
+            &db,
+            &Copy::default(),
+            previous(false, Some(mark(20_000, None))),
+            &ids(&["a", "new"]),
+            90_000,
+        );
+        let new = &plan.saved[&Arc::from("new")];
+        assert_eq!(new.state.copy, SavedCopy::Missing);
+        assert_eq!(
+            new.gap,
+            Some(11_000),
+            "from the db heartbeat to the mark's 21 000"
+        );
+        // After a clean stop it simply has no state.
+        let clean = choose(
+            &db,
+            &Copy::default(),
+            previous(true, None),
+            &ids(&["new"]),
+            90_000,
+        );
+        assert!(!clean.saved.contains_key(&Arc::from("new")));
+        // Without any heartbeat: since the previous process started.
+        let none = choose(
+            &Copy::default(),
+            &Copy::default(),
+            previous(false, Some(mark(20_000, None))),
+            &ids(&["new"]),
+            90_000,
+        );
+        assert_eq!(none.saved[&Arc::from("new")].gap, Some(20_000));
+        // Created after the last copy: from its creation.
+        let mut with_created = copy(&[("a", 5, 9_000)], Some(10_000));
+        with_created.created.insert(Arc::from("new"), 15_000);
+        let plan = choose(
+            &with_created,
+            &Copy::default(),
+            previous(false, Some(mark(20_000, None))),
+            &ids(&["new"]),
+            90_000,
+        );
+        assert_eq!(plan.saved[&Arc::from("new")].gap, Some(6_000));
+    }
+
+    #[test]
+    fn accounts_new_since_the_crash_and_a_first_start_are_charged_nothing() {
+        let mut db = copy(&[("a", 5, 9_000)], Some(10_000));
+        db.created.insert(Arc::from("added"), 80_000);
+        let plan = choose(
+            &db,
+            &Copy::default(),
+            previous(false, Some(mark(20_000, None))),
+            &ids(&["a", "added"]),
+            90_000,
+        );
+        assert!(
+            !plan.saved.contains_key(&Arc::from("added")),
+            "created after the death"
+        );
+        let first = Previous {
+            ran: false,
+            ..previous(false, None)
+        };
+        let plan = choose(
+            &Copy::default(),
+            &Copy::default(),
+            first,
+            &ids(&["x"]),
+            90_000,
+        );
+        assert!(plan.saved.is_empty(), "a first start restores nothing");
+    }
+
+    #[test]
+    fn an_unreadable_copy_restores_as_unknown_counters_above_its_version() {
+        let mut db = copy(&[], Some(10_000));
+        db.unreadable.insert(Arc::from("a"), 40);
+        db.unreadable.insert(Arc::from("b"), 40);
+        let redis = copy(&[("b", 7, 9_000)], Some(12_000));
+        let plan = choose(&db, &redis, previous(true, None), &ids(&["a", "b"]), 20_000);
+        let a = &plan.saved[&Arc::from("a")];
+        assert_eq!(
+            (a.state.copy, a.state.version, a.gap),
+            (SavedCopy::Unreadable, 40, None)
+        );
+        let b = &plan.saved[&Arc::from("b")];
+        assert_eq!(b.state.copy, SavedCopy::Read, "the readable Redis copy");
+        assert_eq!(b.state.version, 40, "raised above the unreadable row's");
     }
 }

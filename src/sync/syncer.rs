@@ -96,6 +96,8 @@ pub struct Syncer {
     redis_link: Link,
     database_link: Link,
     last_database_tick: Millis,
+    /// Accounts whose state changed in the last round.
+    changed_last_round: usize,
 }
 
 impl Syncer {
@@ -122,6 +124,7 @@ impl Syncer {
             redis_link: Link::new(now),
             database_link: Link::new(now),
             last_database_tick: now,
+            changed_last_round: 0,
         }
     }
 
@@ -136,8 +139,47 @@ impl Syncer {
 
     fn schedule(&self, ctx: &mut Context<Self>) {
         ctx.run_later(self.tick_every(), |act, ctx| {
-            ctx.wait(act.sync(false).map(|_, act, ctx| act.schedule(ctx)));
+            ctx.wait(
+                act.sync(false)
+                    .then(|_, act, _ctx| act.mark_idle())
+                    .map(|(), act, ctx| act.schedule(ctx)),
+            );
         });
+    }
+
+    /// Marks the runtime idle in the crash mark (see [`super::mark`]) when a round changed
+    /// nothing, the database holds every state collected so far and no lease is out; a crash then
+    /// charges no gap. (Redis alone is not enough: it may lose what it holds, and the restore
+    /// would then fall back to an older database copy with nothing charged.) The gate re-checks
+    /// once no admission can start: what it collects then is queued for the copies.
+    fn mark_idle(&mut self) -> Pin<Box<dyn ActorFuture<Self, Output = ()>>> {
+        let Some(gate) = self.runtime.admission_gate().cloned() else {
+            return Box::pin(fut::ready(()));
+        };
+        if !gate.is_armed()
+            || !self.pending_database.is_empty()
+            || self.changed_last_round > 0
+            || self.runtime.leases_out() > 0
+        {
+            return Box::pin(fut::ready(()));
+        }
+        let runtime = self.runtime.clone();
+        let check = async move {
+            let changed = runtime.collect_changed().await;
+            (changed.is_empty() && runtime.leases_out() == 0, changed)
+        };
+        Box::pin(
+            async move { gate.disarm(check).await }
+                .into_actor(self)
+                .map(|(_, changed), act, _ctx| {
+                    for (id, state) in changed.into_iter().flatten() {
+                        if act.redis.is_some() {
+                            act.pending_redis.insert(id.clone(), state.clone());
+                        }
+                        act.pending_database.insert(id, state);
+                    }
+                }),
+        )
     }
 
     /// One round: collect, then write each copy that is due (all of them when `force`).
@@ -151,6 +193,7 @@ impl Syncer {
                 .into_actor(self)
                 .then(move |changed, act, _ctx| {
                     let count = changed.len();
+                    act.changed_last_round = count;
                     for (id, state) in changed {
                         if act.redis.is_some() {
                             act.pending_redis.insert(id.clone(), state.clone());

@@ -54,6 +54,13 @@ pub enum Behavior {
     /// Sends the head and `after` SSE chunks (for a non-streaming request: the head and half the
     /// body), then closes the connection.
     DropMidStream { after: usize },
+    /// Answers exactly this: `status`, these headers (plus the key's extra headers) and this
+    /// body, as `application/json` unless `headers` names a `content-type`.
+    Raw {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
 }
 
 /// Per-key sliding-window limits the mock enforces by its own clock (strict mode).
@@ -868,6 +875,17 @@ async fn handle(
             write_json(stream, *status, &d.headers, &body).await?;
             return Ok(true);
         }
+        Behavior::Raw {
+            status,
+            headers,
+            body,
+        } => {
+            let mut all = d.headers.clone();
+            all.extend(headers.iter().cloned());
+            guard.answered(*status, None);
+            write_raw(stream, *status, &all, body).await?;
+            return Ok(true);
+        }
         Behavior::Normal | Behavior::DropMidStream { .. } => {}
     }
 
@@ -1060,6 +1078,28 @@ async fn write_json(
     let body = body.to_string();
     let mut out = head(status, "application/json", headers, Some(body.len()));
     out.push_str(&body);
+    stream.write_all(out.as_bytes()).await
+}
+
+/// `body` as it is, with `headers` (a `content-type` among them replaces the JSON one).
+async fn write_raw(
+    stream: &mut TcpStream,
+    status: u16,
+    headers: &[(String, String)],
+    body: &str,
+) -> std::io::Result<()> {
+    let is_type = |n: &str| n.eq_ignore_ascii_case("content-type");
+    let content_type = headers
+        .iter()
+        .find(|(n, _)| is_type(n))
+        .map_or("application/json", |(_, v)| v.as_str());
+    let rest: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(n, _)| !is_type(n))
+        .cloned()
+        .collect();
+    let mut out = head(status, content_type, &rest, Some(body.len()));
+    out.push_str(body);
     stream.write_all(out.as_bytes()).await
 }
 

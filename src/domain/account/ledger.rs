@@ -349,7 +349,11 @@ impl Account {
             });
         }
         let denied = matches!(answer, Some(Err(_)));
-        if !want.is_zero() && !denied && self.open_for_leases(now) {
+        let model_cooling = self
+            .model_cooldowns
+            .iter()
+            .any(|(m, until)| &**m == model && now < *until);
+        if !want.is_zero() && !denied && !model_cooling && self.open_for_leases(now) {
             let room = self.room(model, now);
             let extra = want.min(fair_share(room, holders)).min(room);
             // Units that cannot admit a single request are not worth holding.
