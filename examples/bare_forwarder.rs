@@ -53,6 +53,8 @@ fn main() -> std::io::Result<()> {
         timeout: Duration::from_secs(30),
         stream_idle_timeout: Duration::from_secs(30),
         retries: 0,
+        max_cooldown: Duration::from_secs(3600),
+        forbidden_cooldown: Duration::from_secs(600),
     };
     actix_web::rt::System::new().block_on(async move {
         let server = HttpServer::new(move || {
