@@ -271,12 +271,12 @@ impl Supervisor {
                         name: member.name.clone(),
                         spec: member.spec.clone(),
                     })),
-                    None => pool_steps.push(PoolStep::Add(AddAccount {
+                    None => pool_steps.push(PoolStep::Add(Box::new(AddAccount {
                         name: member.name.clone(),
                         spec: member.spec.clone(),
                         saved: msg.saved.get(&member.spec.id).map(|r| r.state.clone()),
                         gap: msg.saved.get(&member.spec.id).and_then(|r| r.gap),
-                    })),
+                    }))),
                 }
             }
             for old in &old_members {
@@ -297,7 +297,7 @@ impl Supervisor {
                         PoolStep::Add(add) => {
                             let id = add.spec.id.clone();
                             match addr
-                                .send(add)
+                                .send(*add)
                                 .await
                                 .map_err(|e| e.to_string())
                                 .and_then(|r| r)
@@ -363,7 +363,8 @@ impl Supervisor {
 
 /// One change a pool must make.
 enum PoolStep {
-    Add(AddAccount),
+    /// Boxed: a saved state is large, and most steps are not additions.
+    Add(Box<AddAccount>),
     Update(UpdateMember),
     Remove(Arc<str>),
 }
