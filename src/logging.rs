@@ -7,9 +7,9 @@
 //!
 //! # Off the request path
 //! A line is formatted on the thread that logs it, then handed to one writer thread that owns
-//! stderr. Threads with an actix runtime (the HTTP workers, whose access lines are one per
-//! request) gather their lines in a buffer handed over when it is full or [`FLUSH_EVERY`] after
-//! its first line; other threads hand each line over at once. The hand-over never waits: the
+//! stderr. The HTTP workers, whose access lines are one per request, gather their lines in a
+//! buffer handed over when it is full or [`FLUSH_EVERY`] after its first line (see
+//! [`batch_this_thread`]); other threads hand each line over at once. The hand-over never waits: the
 //! writer's queue is bounded ([`QUEUE`] batches), and what does not fit is dropped and counted —
 //! a slow log consumer never stalls a request. The writer reports drops in a line of its own.
 //! [`flush`] writes everything out (at the end of `serve`).
@@ -109,7 +109,7 @@ fn write_out(jobs: Receiver<Job>) {
     }
 }
 
-/// This thread's buffer of formatted lines (only on threads with an actix runtime).
+/// This thread's buffer of formatted lines (only on threads that asked for one).
 struct Pending {
     lines: Vec<u8>,
     count: u64,
@@ -142,6 +142,25 @@ fn hand_over(lines: Vec<u8>, count: u64) {
             DROPPED_TOTAL.fetch_add(count, Ordering::Relaxed);
         }
     }
+}
+
+/// Makes this thread gather its lines and hand them over in batches (an HTTP worker: one access
+/// line per request). Needs an actix runtime on the thread (the hand-over timer is a local task);
+/// elsewhere, and when no logger is installed, it does nothing.
+pub fn batch_this_thread() {
+    if LOGGER.get().is_none() || actix_rt::Arbiter::try_current().is_none() {
+        return;
+    }
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.is_none() {
+            *p = Some(Pending {
+                lines: Vec::with_capacity(BATCH_BYTES),
+                count: 0,
+                timer: false,
+            });
+        }
+    });
 }
 
 /// Hands this thread's lines to the writer now.
@@ -188,17 +207,9 @@ impl log::Log for Logger {
         }
         let batched = PENDING.with(|p| {
             let mut p = p.borrow_mut();
-            if p.is_none() {
-                if actix_rt::Arbiter::try_current().is_none() {
-                    return Some(line);
-                }
-                *p = Some(Pending {
-                    lines: Vec::with_capacity(BATCH_BYTES),
-                    count: 0,
-                    timer: false,
-                });
-            }
-            let pending = p.as_mut().expect("set above");
+            let Some(pending) = p.as_mut() else {
+                return Some(line);
+            };
             pending.lines.extend_from_slice(&line);
             pending.count += 1;
             if pending.lines.len() >= BATCH_BYTES {

@@ -1215,7 +1215,14 @@ async fn with_postgres_down_rows_beyond_the_buffer_are_dropped_and_the_rest_writ
         "track waited: {in_track:?}"
     );
     let m = &metrics.tracking;
-    assert_eq!(m.tracker_dropped_total.get(), 150);
+    // Rows reach the tracker in batches per thread (within 50 ms): then the excess is dropped.
+    assert!(
+        eventually(Duration::from_secs(2), || m.tracker_dropped_total.get()
+            == 150)
+        .await,
+        "dropped {}",
+        m.tracker_dropped_total.get()
+    );
     assert_eq!(m.tracker_queue_depth.get(), 200);
 
     let _pg = off_thread(pg, common::TestPostgres::restart).await;

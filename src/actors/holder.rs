@@ -291,9 +291,11 @@ fn has_remaining(h: &RateHeaders) -> bool {
 // A thread's views of the pools
 // ------------------------------------------------------------------------------------------------
 
-/// A refusal that lasts: skipped without a message until `until` or an epoch change.
+/// A refusal that lasts: skipped without a message until `until` or an epoch change. Kept per
+/// model (some refusals, like a 403's cooldown, hold one model only).
 #[derive(Debug, Clone)]
 struct Sticky {
+    model: Arc<str>,
     denial: Denial,
     epoch: u64,
     until: Millis,
@@ -302,7 +304,7 @@ struct Sticky {
 impl Sticky {
     /// The refusals worth remembering: none of them can end before `until` unless the account's
     /// epoch moves.
-    fn of(denial: &Denial, epoch: u64) -> Option<Sticky> {
+    fn of(model: &Arc<str>, denial: &Denial, epoch: u64) -> Option<Sticky> {
         let until = match denial {
             Denial::Disabled { .. } | Denial::Expired => Millis::MAX,
             Denial::QuotaExceeded { reset_at } => *reset_at,
@@ -314,6 +316,7 @@ impl Sticky {
             _ => return None,
         };
         Some(Sticky {
+            model: model.clone(),
             denial: denial.clone(),
             epoch,
             until,
@@ -343,7 +346,7 @@ impl Member {
         }
     }
 
-    fn sticky(&mut self, epoch: u64, now: Millis) -> Option<&Denial> {
+    fn sticky(&mut self, model: &str, epoch: u64, now: Millis) -> Option<&Denial> {
         if self
             .sticky
             .as_ref()
@@ -351,7 +354,10 @@ impl Member {
         {
             self.sticky = None;
         }
-        self.sticky.as_ref().map(|s| &s.denial)
+        self.sticky
+            .as_ref()
+            .filter(|s| &*s.model == model)
+            .map(|s| &s.denial)
     }
 
     fn cell(&mut self, model: &Arc<str>, holders: &Arc<Holders>) -> Arc<ShardCell> {
@@ -714,7 +720,7 @@ impl Walk<'_> {
                 continue;
             }
             let epoch = member.entry.control.epoch();
-            if let Some(denial) = member.sticky(epoch, now) {
+            if let Some(denial) = member.sticky(self.model, epoch, now) {
                 count_refusal(
                     &self.holders.settings.metrics,
                     &self.provider.spec.id,
@@ -799,7 +805,7 @@ impl Walk<'_> {
             view.learn(&entry.id, reply.summary);
             if let Some(Err(denial)) = &reply.exchanged.need {
                 if let Some(&i) = view.index.get(&entry.id) {
-                    view.members[i].sticky = Sticky::of(denial, reply.exchanged.epoch);
+                    view.members[i].sticky = Sticky::of(self.model, denial, reply.exchanged.epoch);
                 }
             }
         }

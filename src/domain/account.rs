@@ -341,6 +341,14 @@ fn saved_window<'a>(
         .map(|(_, counters)| counters)
 }
 
+/// A per-model concurrency limit and the slots the model holds.
+#[derive(Debug, Clone)]
+struct ModelSlots {
+    model: Arc<str>,
+    limit: u64,
+    inflight: u64,
+}
+
 /// Units a holder held when the state was saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeasedUnits {
@@ -358,9 +366,12 @@ pub struct Account {
     expiry_reported: bool,
     quota: Quota,
     windows: Vec<Window>,
+    /// The account-wide concurrency limit.
     concurrent: Option<u64>,
     /// Concurrency slots held (by reservations and leases).
     inflight: u64,
+    /// Per-model concurrency limits and the slots each model holds.
+    model_slots: Vec<ModelSlots>,
     leases: HashMap<u64, Lease>,
     next_lease: u64,
     /// Raised when admission must stop at once everywhere (see [`super::lease`]).
@@ -409,12 +420,22 @@ impl Account {
     pub fn new(spec: &AccountSpec, now: Millis) -> Result<Account, String> {
         let mut windows = Vec::new();
         let mut concurrent = None;
+        let mut model_slots: Vec<ModelSlots> = Vec::new();
         for (model, limit) in spec.limits.iter() {
-            match Window::new(limit, model.clone(), now)? {
-                Some(w) => windows.push(w),
-                None => {
+            match (Window::new(limit, model.clone(), now)?, model) {
+                (Some(w), _) => windows.push(w),
+                (None, None) => {
                     concurrent = Some(concurrent.map_or(limit.limit, |c: u64| c.min(limit.limit)))
                 }
+                // A per-model `concurrent` limits that model's requests only.
+                (None, Some(model)) => match model_slots.iter_mut().find(|m| m.model == *model) {
+                    Some(m) => m.limit = m.limit.min(limit.limit),
+                    None => model_slots.push(ModelSlots {
+                        model: model.clone(),
+                        limit: limit.limit,
+                        inflight: 0,
+                    }),
+                },
             }
         }
         if windows.len() > 64 {
@@ -450,6 +471,7 @@ impl Account {
             ),
             windows,
             concurrent,
+            model_slots,
             inflight: 0,
             leases: HashMap::new(),
             next_lease: 1,
@@ -669,6 +691,15 @@ impl Account {
             if self.inflight + need.slots > limit {
                 hold(
                     &Arc::from("concurrent"),
+                    now + self.expected_latency(now),
+                    true,
+                );
+            }
+        }
+        if let Some(m) = self.model_slots.iter().find(|m| &*m.model == model) {
+            if m.inflight + need.slots > m.limit {
+                hold(
+                    &Arc::from(format!("{model}:concurrent")),
                     now + self.expected_latency(now),
                     true,
                 );
@@ -937,7 +968,7 @@ impl Account {
         let leases: Vec<(u64, Lease)> = next.leases.drain().collect();
         for (id, mut lease) in leases {
             lease.mask = next.mask_for(&lease.model);
-            next.hold(lease.mask, lease.held);
+            next.hold(lease.mask, &lease.model, lease.held);
             next.leases.insert(id, lease);
         }
         // Limits changed: holders must ask again under the new ones.
@@ -1014,14 +1045,23 @@ impl Account {
                 }
             })
             .collect();
-        if let Some(limit) = self.concurrent {
+        let model_limits = self
+            .model_slots
+            .iter()
+            .map(|m| (format!("{}:concurrent", m.model), m.limit, m.inflight));
+        for (label, limit, inflight) in self
+            .concurrent
+            .map(|limit| ("concurrent".to_string(), limit, self.inflight))
+            .into_iter()
+            .chain(model_limits)
+        {
             stats.push(WindowStats {
-                limit_type: "concurrent".into(),
+                limit_type: label,
                 limit,
-                current: self.inflight,
-                in_flight: self.inflight,
+                current: inflight,
+                in_flight: inflight,
                 window_start: now,
-                retry_after: if self.inflight >= limit {
+                retry_after: if inflight >= limit {
                     self.expected_latency(now) as f64 / 1000.0
                 } else {
                     0.0

@@ -534,6 +534,33 @@ fn the_concurrency_limit_holds_until_a_request_is_settled() {
 }
 
 #[test]
+fn a_per_model_concurrency_limit_holds_only_that_models_requests() {
+    let mut limits: Vec<(Option<Arc<str>>, LimitSpec)> = vec![(None, concurrent(3))];
+    limits.push((Some(Arc::from(M)), concurrent(1)));
+    let mut a = open(&AccountSpec {
+        limits: limits.into(),
+        ..spec(vec![])
+    });
+    let first = granted(&mut a, M, 1, T0);
+    match reserve(&mut a, M, 1, T0 + 1) {
+        Err(Denial::RateLimited { limit, .. }) => assert_eq!(&*limit, "llama:concurrent"),
+        other => panic!("expected the model's concurrency limit, got {other:?}"),
+    }
+    // Other models only meet the account-wide limit.
+    granted(&mut a, "other", 1, T0 + 1);
+    granted(&mut a, "other", 1, T0 + 1);
+    match reserve(&mut a, "other", 1, T0 + 2) {
+        Err(Denial::RateLimited { limit, .. }) => assert_eq!(&*limit, "concurrent"),
+        other => panic!("expected the account's concurrency limit, got {other:?}"),
+    }
+    commit(&mut a, first, Usage::RequestOnly, T0 + 3);
+    assert!(a
+        .window_stats(T0 + 3)
+        .iter()
+        .any(|s| s.limit_type == "llama:concurrent" && s.current == 0));
+}
+
+#[test]
 fn the_quota_resets_at_its_cron_boundary_and_says_so() {
     let mut a = open(&with_quota(1_000, vec![]));
     let id = granted(&mut a, M, 400, T0);

@@ -210,6 +210,8 @@ async fn proxy(
     state: web::Data<AppState>,
     client: web::Data<awc::Client>,
 ) -> HttpResponse {
+    // One access line per request: this worker hands its lines over in batches.
+    crate::logging::batch_this_thread();
     let request_id = req
         .extensions()
         .get::<super::RequestId>()

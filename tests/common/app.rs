@@ -260,6 +260,18 @@ impl TestGateway {
 
     /// Every log line (stderr) of every run so far.
     pub fn logs(&self) -> String {
+        // The gateway's workers hand their log lines over in batches (within 50 ms): wait until
+        // the output has been quiet for a little longer than that (at most 2 s).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = self.stderr.lock().unwrap().len();
+        while self.child.is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(80));
+            let now = self.stderr.lock().unwrap().len();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
         format!("{}{}", self.history_stderr, self.stderr.lock().unwrap())
     }
 

@@ -74,8 +74,9 @@ impl Account {
         (requests, tokens)
     }
 
-    /// Counts `held` as in flight in the windows of `mask`, the quota and the concurrency slots.
-    pub(super) fn hold(&mut self, mask: u64, held: Units) {
+    /// Counts `held` as in flight in the windows of `mask`, the quota and the concurrency slots
+    /// (the account's and `model`'s).
+    pub(super) fn hold(&mut self, mask: u64, model: &str, held: Units) {
         for (i, w) in self.windows.iter_mut().enumerate() {
             if mask & (1 << i) != 0 {
                 w.reserve(units(w.kind(), held.requests, held.tokens));
@@ -83,6 +84,9 @@ impl Account {
         }
         self.quota.reserve(held.tokens);
         self.inflight += held.slots;
+        if let Some(m) = self.model_slots.iter_mut().find(|m| &*m.model == model) {
+            m.inflight += held.slots;
+        }
     }
 
     /// Settles a lease removed from the table: `used` committed at `at`, the rest freed.
@@ -108,6 +112,9 @@ impl Account {
             .commit(held.tokens, used.tokens, &mut quota_events);
         events.extend(quota_events.into_iter().map(AccountEvent::from));
         self.inflight = self.inflight.saturating_sub(held.slots);
+        if let Some(m) = self.model_slots.iter_mut().find(|m| m.model == lease.model) {
+            m.inflight = m.inflight.saturating_sub(held.slots);
+        }
         if lease.probe {
             self.end_probe();
         }
@@ -144,7 +151,7 @@ impl Account {
         holder: bool,
     ) -> u64 {
         let mask = self.mask_for(model);
-        self.hold(mask, held);
+        self.hold(mask, model, held);
         self.peak.add(held.requests, held.tokens, now);
         let id = self.next_lease;
         self.next_lease += 1;
@@ -190,6 +197,9 @@ impl Account {
                 .concurrent
                 .map_or(u64::MAX, |c| c.saturating_sub(self.inflight)),
         };
+        if let Some(m) = self.model_slots.iter().find(|m| &*m.model == model) {
+            room.slots = room.slots.min(m.limit.saturating_sub(m.inflight));
+        }
         for w in self.windows.iter().filter(|w| w.applies_to(model)) {
             let left = w.remaining(now);
             match w.kind() {
@@ -224,7 +234,7 @@ impl Account {
     ) {
         match lease.and_then(|id| self.leases.get(&id).map(|l| l.mask)) {
             Some(mask) => {
-                self.hold(mask, units);
+                self.hold(mask, model, units);
                 self.peak.add(units.requests, units.tokens, now);
                 if let Some(l) = lease.and_then(|id| self.leases.get_mut(&id)) {
                     l.held = l.held.saturating_add(units);
@@ -300,7 +310,8 @@ impl Account {
                     }));
                     self.close_lease(&held, report.used, report.used_at.min(now), events);
                     if !keep.is_zero() {
-                        self.hold(held.mask, keep);
+                        let model = held.model.clone();
+                        self.hold(held.mask, &model, keep);
                         held.held = keep;
                         self.leases.insert(id, held);
                         lease = Some(id);
