@@ -24,7 +24,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures_util::future::join_all;
 
-use super::account::{Broke, CheckAvailability, Exchange, ExchangeReply, Feed};
+use super::account::{Broke, CheckAvailability, Exchange, ExchangeReply, Feed, Release};
 use super::catalog::ProviderSpec;
 use super::registry::{self, AccountEntry, ProviderEntry, Registry, SharedRegistry};
 use super::reservation::{Outstanding, Reservation, ReservationGuard, Ticket};
@@ -163,6 +163,11 @@ impl ShardCell {
     /// Applies the ledger's answer (or its absence) to the exchange in flight.
     fn end(&self, reply: Option<&ExchangeReply>) {
         let mut st = self.lock();
+        self.end_locked(&mut st, reply);
+    }
+
+    /// [`ShardCell::end`] with the lock held.
+    fn end_locked(&self, st: &mut CellState, reply: Option<&ExchangeReply>) {
         match reply {
             Some(r) => {
                 st.shard
@@ -256,9 +261,22 @@ impl ShardCell {
             let msg = self.begin(&mut st, None);
             (st.entry.addr.clone(), msg)
         };
-        let reply = addr.send(msg).await;
-        self.end(reply.as_ref().ok().and_then(Option::as_ref));
-        reply.map(|_| ())
+        // The exchange ends in a task of its own: a caller that stops waiting (a status read
+        // whose client left) must not leave the shard's exchange open forever.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cell = self.clone();
+        let work = async move {
+            let reply = addr.send(msg).await;
+            cell.end(reply.as_ref().ok().and_then(Option::as_ref));
+            let _ = tx.send(reply.map(|_| ()));
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(work);
+            }
+            Err(_) => work.await,
+        }
+        rx.await.unwrap_or(Err(MailboxError::Closed))
     }
 }
 
@@ -785,13 +803,10 @@ impl Walk<'_> {
         &mut self,
         entry: Arc<AccountEntry>,
         cell: Option<Arc<ShardCell>>,
-        reply: Result<Option<ExchangeReply>, MailboxError>,
+        asked: Asked,
         refusals: &mut Refusals,
     ) -> Option<Reservation> {
-        let reply = reply.ok().flatten();
-        if let Some(cell) = &cell {
-            cell.end(reply.as_ref());
-        }
+        let Asked { reply, ticket } = asked;
         let Some(reply) = reply else {
             // The actor is gone (a panic): its pool rebuilds it.
             self.provider.pool.do_send(Broke {
@@ -815,14 +830,8 @@ impl Walk<'_> {
         );
         match reply.exchanged.need {
             Some(Ok(NeedGranted::InLease)) => {
-                let cell = cell?;
-                let now = self.holders.now();
-                let mut st = cell.lock();
-                let ticket = st
-                    .shard
-                    .admit_granted(self.estimate, self.holders.reservation_deadline(now));
-                let free = st.shard.free();
-                drop(st);
+                let (cell, ticket) = (cell?, ticket?);
+                let free = cell.lock().shard.free();
                 // The account's room beyond the leases, plus what this holder still has free.
                 let remaining = (
                     remaining.0.map(|r| r.saturating_add(free.requests)),
@@ -855,6 +864,64 @@ impl Walk<'_> {
             }
         }
     }
+}
+
+/// The ledger's answer to an ask; `ticket`: the request admitted from the shard's lease when the
+/// ledger added its units there.
+struct Asked {
+    reply: Option<ExchangeReply>,
+    ticket: Option<ShardTicket>,
+}
+
+/// Sends an exchange and applies its answer to the shard, in a task of its own: a request dropped
+/// while it waits (its client left) loses nothing — the task still ends the shard's exchange,
+/// and gives back what the ledger granted for the request (the shard's units to its free ones, a
+/// reservation of its own released). Runs inline where there is no tokio runtime to spawn on.
+async fn ask(
+    entry: Arc<AccountEntry>,
+    cell: Option<Arc<ShardCell>>,
+    msg: Exchange,
+    estimate: u64,
+    deadline: Millis,
+) -> Asked {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let work = async move {
+        let reply = entry.addr.send(msg).await.ok().flatten();
+        let mut ticket = None;
+        if let Some(cell) = &cell {
+            let mut st = cell.lock();
+            cell.end_locked(&mut st, reply.as_ref());
+            if let Some(Some(Ok(NeedGranted::InLease))) = reply.as_ref().map(|r| &r.exchanged.need)
+            {
+                ticket = Some(st.shard.admit_granted(estimate, deadline));
+            }
+        }
+        let asked = Asked { reply, ticket };
+        if let Err(gone) = tx.send(asked) {
+            // Nobody waits any more: give back what was granted for the request.
+            match (&gone.reply, gone.ticket, &cell) {
+                (_, Some(ticket), Some(cell)) => cell.release(ticket),
+                (Some(r), _, _) => {
+                    if let Some(Ok(NeedGranted::Reservation(grant))) = &r.exchanged.need {
+                        entry.addr.do_send(Release {
+                            reservation: grant.reservation,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(work);
+        }
+        Err(_) => work.await,
+    }
+    rx.await.unwrap_or(Asked {
+        reply: None,
+        ticket: None,
+    })
 }
 
 fn count_refusal(metrics: &Metrics, provider_id: &str, denial: &Denial) {
@@ -898,8 +965,10 @@ pub(super) async fn acquire(
                 Step::Done(reservation) => return Ok(reservation),
                 Step::Exhausted => break,
                 Step::Ask { entry, cell, msg } => {
-                    let reply = entry.addr.send(msg).await;
-                    if let Some(r) = walk.answer(entry, cell, reply, &mut refusals) {
+                    let deadline = holders.reservation_deadline(holders.now());
+                    let asked =
+                        ask(entry.clone(), cell.clone(), msg, walk.estimate, deadline).await;
+                    if let Some(r) = walk.answer(entry, cell, asked, &mut refusals) {
                         return Ok(r);
                     }
                 }

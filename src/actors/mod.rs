@@ -13,7 +13,7 @@ pub mod supervisor;
 pub mod system;
 pub mod tracker;
 
-pub use reservation::{Reservation, ReservationGuard};
+pub use reservation::{Reservation, ReservationGuard, Served};
 pub use system::{AcquireError, QuotaSystem, RuntimeSettings};
 
 use crate::domain::time::{Clock, Millis};

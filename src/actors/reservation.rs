@@ -33,6 +33,41 @@ pub struct Reservation {
     pub guard: ReservationGuard,
 }
 
+/// A reservation without its guard: which account serves, and what was reserved.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub provider: Arc<ProviderEntry>,
+    pub account: Arc<AccountEntry>,
+    pub model: Arc<str>,
+    pub estimate: u64,
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+}
+
+impl Reservation {
+    /// The guard (to settle with) and the rest.
+    pub fn split(self) -> (ReservationGuard, Served) {
+        let Reservation {
+            provider,
+            account,
+            model,
+            estimate,
+            remaining_requests,
+            remaining_tokens,
+            guard,
+        } = self;
+        let served = Served {
+            provider,
+            account,
+            model,
+            estimate,
+            remaining_requests,
+            remaining_tokens,
+        };
+        (guard, served)
+    }
+}
+
 /// Where a reservation's units are held.
 #[derive(Debug)]
 enum Held {

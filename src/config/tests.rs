@@ -391,6 +391,20 @@ fn a_bad_duration_is_refused_by_key() {
 }
 
 #[test]
+fn timings_that_would_lose_a_reservation_or_a_lease_are_refused() {
+    assert_refused(
+        "upstream: { timeout: 10m }\nsync: { reservation_timeout: 10m }\n",
+        "upstream.timeout",
+        "shorter than sync.reservation_timeout",
+    );
+    assert_refused(
+        "sync: { report_interval: 2s, lease_ttl: 10s }\n",
+        "sync.lease_ttl",
+        "ten times sync.report_interval",
+    );
+}
+
+#[test]
 fn zero_durations_that_make_no_sense_are_refused() {
     assert_refused(
         "sync: { database_interval: 0s }\n",

@@ -47,6 +47,12 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
     positive("security.session_ttl", config.security.session_ttl)?;
     positive("upstream.connect_timeout", config.upstream.connect_timeout)?;
     positive("upstream.timeout", config.upstream.timeout)?;
+    check(
+        config.upstream.timeout < config.sync.reservation_timeout,
+        "upstream.timeout",
+        "must be shorter than sync.reservation_timeout (a call still waiting for its answer \
+         would otherwise outlive its reservation)",
+    )?;
     positive(
         "upstream.stream_idle_timeout",
         config.upstream.stream_idle_timeout,

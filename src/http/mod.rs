@@ -2,7 +2,9 @@
 //! parse, send a message or call a store function, and map the result; errors become answers in
 //! one place ([`error::ApiError`]).
 
+pub mod access;
 pub mod admin;
+pub mod attempt;
 pub mod auth;
 pub mod dates;
 pub mod error;
@@ -10,11 +12,13 @@ pub mod openai;
 pub mod openapi;
 pub mod proxy;
 pub mod session;
+pub mod sse;
 pub mod stats;
 pub mod status_html;
 pub mod status_page;
 pub mod throttle;
 pub mod upstream;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -20,4 +20,4 @@ pub use app::{
 };
 
 #[allow(unused_imports)]
-pub use upstream::{Behavior, KeyStats, MockUpstream, StrictLimits, MOCK_MODEL};
+pub use upstream::{Behavior, KeyStats, MockUpstream, SseEnd, StrictLimits, MOCK_MODEL};

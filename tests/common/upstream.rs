@@ -61,6 +61,20 @@ pub enum Behavior {
         headers: Vec<(String, String)>,
         body: String,
     },
+    /// A 200 `text/event-stream` answer of exactly these events (each written as its own chunk
+    /// with `\n\n` after it, 5 ms apart), then `end`.
+    Sse { events: Vec<String>, end: SseEnd },
+}
+
+/// How a scripted stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SseEnd {
+    /// The terminating chunk: a clean end.
+    Clean,
+    /// The connection closes without the terminating chunk.
+    Close,
+    /// Nothing more, and the connection stays open.
+    Silent,
 }
 
 /// Per-key sliding-window limits the mock enforces by its own clock (strict mode).
@@ -885,6 +899,28 @@ async fn handle(
             guard.answered(*status, None);
             write_raw(stream, *status, &all, body).await?;
             return Ok(true);
+        }
+        Behavior::Sse { events, end } => {
+            guard.answered(200, None);
+            stream
+                .write_all(head(200, "text/event-stream", &d.headers, None).as_bytes())
+                .await?;
+            for event in events {
+                write_chunk(stream, format!("{event}\n\n").as_bytes()).await?;
+                stream.flush().await?;
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
+            return match end {
+                SseEnd::Clean => {
+                    stream.write_all(b"0\r\n\r\n").await?;
+                    Ok(true)
+                }
+                SseEnd::Close => Ok(false),
+                SseEnd::Silent => {
+                    actix_rt::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(false)
+                }
+            };
         }
         Behavior::Normal | Behavior::DropMidStream { .. } => {}
     }
