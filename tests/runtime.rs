@@ -1,6 +1,7 @@
 //! The actor runtime driven by messages, as its users will drive it: built from in-memory specs
 //! (no store, sync off), on the caller's arbiter, under tokio's paused clock (no sleeps).
 
+use std::future::Future as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -372,6 +373,58 @@ async fn an_unsettled_reservation_is_committed_at_its_estimate_when_it_expires()
     let concurrent = stats.iter().find(|s| s.limit_type == "concurrent").unwrap();
     assert_eq!(concurrent.current, 0, "the concurrency slot is free again");
     acquire(&qs, 1).await.unwrap();
+}
+
+#[actix::test]
+async fn a_request_dropped_while_its_account_answers_leaks_nothing() {
+    // Concurrency 1: the room is tight, so the request asks the account for a reservation of
+    // its own. Dropped after asking and before the answer (its client left), it must not keep
+    // the only slot until the reservation times out.
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 0, vec![limit(LimitKind::Concurrent, 1, None)])],
+    )])
+    .await;
+    let mut cut = Box::pin(acquire(&qs, 10));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(cut.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the request waits for its account");
+    drop(cut);
+    settle().await;
+    let lease = acquire(&qs, 10).await.expect("the slot is free at once");
+    lease.guard.release();
+    settle().await;
+    let concurrent = qs
+        .rate_stats("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.limit_type == "concurrent")
+        .unwrap();
+    assert_eq!(concurrent.current, 0);
+}
+
+#[actix::test]
+async fn a_request_dropped_while_its_worker_refills_leaves_the_lease_usable() {
+    // No limits: requests are admitted from the worker's lease. The first one finds the lease
+    // empty and asks the account to fill it; dropped meanwhile, the refill must still complete
+    // so that the next requests are admitted from the lease again.
+    let qs = start(vec![provider(
+        "p",
+        Strategy::RoundRobin,
+        vec![account("a", 0, vec![])],
+    )])
+    .await;
+    let mut cut = Box::pin(acquire(&qs, 10));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(cut.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the request waits for the refill");
+    drop(cut);
+    settle().await;
+    for _ in 0..3 {
+        let lease = acquire(&qs, 10).await.unwrap();
+        assert!(lease.guard.from_lease(), "admitted from the worker's lease");
+        lease.guard.release();
+    }
 }
 
 #[actix::test]

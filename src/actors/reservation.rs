@@ -148,6 +148,12 @@ impl ReservationGuard {
         self
     }
 
+    /// Whether the units come from this worker's lease (settled locally and reported in a
+    /// batch) rather than from a reservation of its own at the account.
+    pub fn from_lease(&self) -> bool {
+        matches!(self.held, Held::Shard { .. })
+    }
+
     /// From now on the upstream may count the request: it can no longer be released.
     pub fn mark_sent(&mut self) {
         self.sent_upstream = true;

@@ -140,7 +140,11 @@ async fn proxy(
         endpoint,
         state.clone(),
     ));
-    match forward(endpoint, payload, &state, &client, &mut record).await {
+    let length = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    match forward(endpoint, (payload, length), &state, &client, &mut record).await {
         Ok(response) => response,
         Err(error) => {
             if let Some(record) = record {
@@ -151,8 +155,10 @@ async fn proxy(
     }
 }
 
-async fn read_body(mut payload: web::Payload) -> Result<BytesMut, ApiError> {
-    let mut body = BytesMut::new();
+/// The request body, at most [`MAX_BODY_BYTES`]; sized once from `Content-Length` when the
+/// client gave one (growing by doubling would copy a large body several times).
+async fn read_body(mut payload: web::Payload, length: Option<usize>) -> Result<BytesMut, ApiError> {
+    let mut body = BytesMut::with_capacity(length.unwrap_or(0).min(MAX_BODY_BYTES));
     while let Some(chunk) = payload.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::invalid(format!("cannot read the body: {e}"), None))?;
@@ -169,12 +175,12 @@ async fn read_body(mut payload: web::Payload) -> Result<BytesMut, ApiError> {
 /// Reserves, forwards and settles; retries on other accounts where API.md says so.
 async fn forward(
     endpoint: Endpoint,
-    payload: web::Payload,
+    (payload, length): (web::Payload, Option<usize>),
     state: &web::Data<AppState>,
     client: &awc::Client,
     record: &mut Option<AccessRecord>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload).await?;
+    let body = read_body(payload, length).await?;
     let request = ProxyRequest::parse(endpoint, body.freeze())?;
     if let Some(record) = record.as_mut() {
         record.model = request.model.clone();
