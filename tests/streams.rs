@@ -246,7 +246,7 @@ async fn every_other_way_a_started_stream_ends_badly_is_told_and_logged() {
     let r = stream(&http, &gw, None).await;
     assert!(!r.done(), "{}", r.text());
     assert_eq!(
-        r.chunks().last().expect(&r.text())["error"]["message"],
+        r.chunks().last().unwrap_or_else(|| panic!("{}", r.text()))["error"]["message"],
         "overloaded mid-way"
     );
     let (_, error, success, _) = logged(&http, &gw).await.pop().unwrap();
