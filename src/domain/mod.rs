@@ -18,6 +18,4 @@ pub mod window;
 pub mod estimate;
 pub mod lease;
 #[cfg(test)]
-mod lease_tests;
-#[cfg(test)]
 mod tests;

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::account::{Account, AccountSpec, NeedGranted, Usage};
-use super::lease::{Shard, ShardMiss, ShardTicket, Units};
-use super::limits::{FixedReset, LimitKind, LimitSpec};
-use super::schedule::Schedule;
-use super::time::Millis;
+use super::{Shard, ShardMiss, ShardTicket, Units};
+use crate::domain::account::{Account, AccountSpec, NeedGranted, Usage};
+use crate::domain::limits::{FixedReset, LimitKind, LimitSpec};
+use crate::domain::schedule::Schedule;
+use crate::domain::time::Millis;
 
 const T0: Millis = 20_000 * 86_400_000 + 3_600_000;
 const MODEL: &str = "m";
