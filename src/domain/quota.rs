@@ -48,6 +48,9 @@ pub struct Quota {
     warning_threshold: f64,
     warned: bool,
     exhausted: bool,
+    /// While instances sharing the quota cannot reach their shared ledger, this one keeps below
+    /// this many tokens used and reserved (its part of what was left).
+    share_cap: Option<u64>,
 }
 
 impl Quota {
@@ -68,6 +71,7 @@ impl Quota {
             warning_threshold,
             warned: false,
             exhausted: false,
+            share_cap: None,
         };
         // A restored usage that is already past a threshold must not fire again.
         quota.warned = quota.past_warning();
@@ -110,8 +114,27 @@ impl Quota {
         if self.unlimited() {
             u64::MAX
         } else {
-            self.limit.saturating_sub(self.used + self.reserved)
+            self.cap().saturating_sub(self.used + self.reserved)
         }
+    }
+
+    /// The tokens this process may use and reserve: the limit, or its share of it.
+    fn cap(&self) -> u64 {
+        self.share_cap.map_or(self.limit, |c| c.min(self.limit))
+    }
+
+    /// Keeps below `cap` tokens used and reserved from now on (`None`: the whole limit).
+    pub fn set_share_cap(&mut self, cap: Option<u64>) {
+        self.share_cap = cap.filter(|_| !self.unlimited());
+    }
+
+    pub fn has_share_cap(&self) -> bool {
+        self.share_cap.is_some()
+    }
+
+    /// Tokens used and reserved this period.
+    pub fn committed_and_reserved(&self) -> u64 {
+        self.used.saturating_add(self.reserved)
     }
 
     pub fn is_exhausted(&self) -> bool {
@@ -144,7 +167,7 @@ impl Quota {
         if need > self.limit {
             return Err(true);
         }
-        if self.used + self.reserved + need > self.limit {
+        if self.used + self.reserved + need > self.cap() {
             return Err(false);
         }
         Ok(())

@@ -1885,3 +1885,72 @@ fn summary_gen() -> impl Strategy<Value = Summary> {
             },
         )
 }
+
+// ---------------------------------------------------------------------------------------------
+// The shared ledger (several instances)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_shared_ledger_state_round_trips_with_its_leases_and_counters() {
+    let spec = with_quota(1_000, vec![sliding(LimitKind::Requests, 10, PER_64S)]);
+    let mut a = open(&spec);
+    a.set_owner(1);
+    let done = granted(&mut a, M, 40, T0);
+    commit(&mut a, done, Usage::Reported(30), T0 + 1);
+    let open_id = granted(&mut a, M, 50, T0 + 2);
+    let shared = a.ledger_state(T0 + 3);
+    let json = serde_json::to_string(&shared).unwrap();
+
+    let mut b = open(&spec);
+    b.set_owner(2);
+    b.load_ledger(&serde_json::from_str(&json).unwrap(), T0 + 4);
+    assert_eq!(b.windows()[0].used(), 2, "one committed, one in flight");
+    assert_eq!((b.quota().used(), b.quota().reserved()), (30, 50));
+    assert_eq!(b.inflight(), 1);
+    // Another instance settles what the first granted, and grants ids of its own.
+    commit(&mut b, open_id, Usage::Reported(20), T0 + 5);
+    let mine = granted(&mut b, M, 1, T0 + 6);
+    assert_eq!(mine >> 40, 2, "ids carry their instance");
+    assert_ne!(mine, open_id);
+    assert_eq!(b.quota().used(), 50);
+}
+
+#[test]
+fn out_of_reach_of_the_shared_ledger_an_instance_keeps_to_its_share_and_reports_it_after() {
+    let spec = spec(vec![sliding(LimitKind::Requests, 10, PER_64S)]);
+    let mut a = open(&spec);
+    a.set_owner(1);
+    for t in 0..4 {
+        let id = granted(&mut a, M, 1, T0 + t);
+        commit(&mut a, id, Usage::RequestOnly, T0 + t);
+    }
+    let remote = a.ledger_state(T0 + 10);
+    // Three instances: this one keeps to 10 / 3 = 3 of the window, and the 4 already used
+    // leave it nothing until they expire.
+    a.share_with(3);
+    assert!(reserve(&mut a, M, 1, T0 + 11).is_err());
+    let later = T0 + 70_000;
+    for i in 0..3 {
+        let id = granted(&mut a, M, 1, later + i);
+        commit(&mut a, id, Usage::RequestOnly, later + i);
+    }
+    assert!(
+        reserve(&mut a, M, 1, later + 5).is_err(),
+        "its share is 3 of 10"
+    );
+    // Meanwhile another instance went on with the shared ledger.
+    let mut other = open(&spec);
+    other.set_owner(2);
+    other.load_ledger(&remote, later);
+    for i in 0..2 {
+        let id = granted(&mut other, M, 1, later + i);
+        commit(&mut other, id, Usage::RequestOnly, later + i);
+    }
+    // Back: the shared ledger plus what this instance admitted meanwhile, and no share any more.
+    a.merge(&other.ledger_state(later + 6), later + 7);
+    assert_eq!(a.windows()[0].used(), 5);
+    for i in 0..5 {
+        granted(&mut a, M, 1, later + 8 + i);
+    }
+    assert!(reserve(&mut a, M, 1, later + 20).is_err(), "10 in all");
+}

@@ -37,6 +37,11 @@ impl Account {
         }
         next.leases = std::mem::take(&mut self.leases);
         next.next_lease = self.next_lease;
+        next.owner = self.owner;
+        next.unshared_use = std::mem::take(&mut self.unshared_use);
+        if self.share > 1 {
+            next.share_with(self.share);
+        }
         let leases: Vec<(u64, Lease)> = next.leases.drain().collect();
         for (id, mut lease) in leases {
             lease.mask = next.mask_for(&lease.model);

@@ -111,6 +111,7 @@ impl Account {
         self.quota
             .commit(held.tokens, used.tokens, &mut quota_events);
         events.extend(quota_events.into_iter().map(AccountEvent::from));
+        self.note_unshared(&lease.model, used, at);
         self.inflight = self.inflight.saturating_sub(held.slots);
         if let Some(m) = self.model_slots.iter_mut().find(|m| m.model == lease.model) {
             m.inflight = m.inflight.saturating_sub(held.slots);
@@ -136,6 +137,7 @@ impl Account {
         let mut quota_events = Vec::new();
         self.quota.record(used.tokens, &mut quota_events);
         events.extend(quota_events.into_iter().map(AccountEvent::from));
+        self.note_unshared(&Arc::from(model), used, at);
         self.peak.add(used.requests, used.tokens, at);
         self.touch();
     }
@@ -153,7 +155,7 @@ impl Account {
         let mask = self.mask_for(model);
         self.hold(mask, model, held);
         self.peak.add(held.requests, held.tokens, now);
-        let id = self.next_lease;
+        let id = (self.owner << 40) | self.next_lease;
         self.next_lease += 1;
         self.leases.insert(
             id,
@@ -165,6 +167,7 @@ impl Account {
                 deadline,
                 probe,
                 holder,
+                owner: self.owner,
             },
         );
         self.touch();

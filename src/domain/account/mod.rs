@@ -23,11 +23,13 @@ mod changes;
 mod feedback;
 mod ledger;
 mod persist;
+mod shared;
 mod types;
 mod views;
 
 pub use ledger::{Exchanged, NeedGranted, Successes};
 pub use persist::{AccountState, LeasedUnits, SavedCopy};
+pub use shared::{LedgerState, SharedLease};
 pub use types::{
     AccountEvent, AccountSpec, Circuit, Denial, Feedback, Grant, Limits, QuotaStatus, RateHeaders,
     Summary, UpstreamOutcome, Usage, WindowStats,
@@ -62,6 +64,8 @@ struct Lease {
     probe: bool,
     /// A holder's lease, renewed by its reports (else: one request's reservation).
     holder: bool,
+    /// The instance that granted it (see [`Account::set_owner`]); 0 in a single process.
+    owner: u64,
 }
 
 /// A per-model concurrency limit and the slots the model holds.
@@ -88,7 +92,16 @@ pub struct Account {
     /// Per-model concurrency limits and the slots each model holds.
     model_slots: Vec<ModelSlots>,
     leases: HashMap<u64, Lease>,
+    /// The next lease id of this owner (ids are `owner << 40 | n`: unique across instances).
     next_lease: u64,
+    /// The instance whose leases this process grants (0 without shared ledgers).
+    owner: u64,
+    /// Instances sharing the account while its shared ledger is out of reach: this one keeps to
+    /// a `1 / share` part of every limit's room (see `shared`). 1 otherwise.
+    share: u64,
+    /// Usage this instance admitted while out of reach of the shared ledger, per model: reported
+    /// to the ledger when it is back.
+    unshared_use: Vec<(Arc<str>, Units, Millis)>,
     /// Raised when admission must stop at once everywhere (see [`super::lease`]).
     epoch: u64,
     cooldown_until: Millis,
@@ -190,6 +203,9 @@ impl Account {
             inflight: 0,
             leases: HashMap::new(),
             next_lease: 1,
+            owner: 0,
+            share: 1,
+            unshared_use: Vec::new(),
             epoch: 1,
             cooldown_until: 0,
             model_cooldowns: Vec::new(),

@@ -167,6 +167,23 @@ impl Account {
     }
 
     fn restore_counters(&mut self, saved: &AccountState, now: Millis) {
+        self.load_counters(saved, now);
+        let mut events = Vec::new();
+        for (estimate, model) in &saved.in_flight {
+            self.consume(model, *estimate, now, &mut events);
+        }
+        for leased in &saved.leased {
+            let used = Units {
+                requests: leased.requests,
+                tokens: leased.tokens,
+                slots: 0,
+            };
+            self.record_used(&leased.model, used, now, &mut events);
+        }
+    }
+
+    /// The saved counters, cooldowns, circuit and peaks (what was in flight is the caller's).
+    pub(super) fn load_counters(&mut self, saved: &AccountState, now: Millis) {
         self.quota.restore(&saved.quota, saved.saved_at, now);
         for w in &mut self.windows {
             if let Some(counters) = saved_window(&saved.windows, w.label()) {
@@ -184,18 +201,6 @@ impl Account {
         self.failures = saved.failures;
         self.peak.peak_requests = saved.peak_requests;
         self.peak.peak_tokens = saved.peak_tokens;
-        let mut events = Vec::new();
-        for (estimate, model) in &saved.in_flight {
-            self.consume(model, *estimate, now, &mut events);
-        }
-        for leased in &saved.leased {
-            let used = Units {
-                requests: leased.requests,
-                tokens: leased.tokens,
-                slots: 0,
-            };
-            self.record_used(&leased.model, used, now, &mut events);
-        }
     }
 
     /// Charges what the account could at most have been admitted in `gap` ms without our

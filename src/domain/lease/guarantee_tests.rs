@@ -1,4 +1,5 @@
-//! The guarantee across several holders: random interleavings of admissions from shards,
+//! The guarantee across several holders of one or several instances (sharing one ledger state, as
+//! through Redis): random interleavings of admissions from shards,
 //! commits, releases, reports and refills (exchanges), revocations and time passing, checked
 //! against an independent record of what the upstream could have counted. No window may ever
 //! hold more than its limit, the quota and the concurrency limit never be exceeded, and once
@@ -11,7 +12,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::{Shard, ShardMiss, ShardTicket, Units};
-use crate::domain::account::{Account, AccountSpec, NeedGranted, Usage};
+use crate::domain::account::{Account, AccountSpec, LedgerState, NeedGranted, Usage};
 use crate::domain::limits::{FixedReset, LimitKind, LimitSpec};
 use crate::domain::schedule::Schedule;
 use crate::domain::time::Millis;
@@ -41,6 +42,9 @@ struct Setup {
     concurrent: Option<u64>,
     quota: u64,
     holders: usize,
+    /// Instances sharing the ledger (each with its own copy, synced through the shared state,
+    /// as through Redis); holder `h` belongs to instance `h % instances`.
+    instances: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,12 +104,14 @@ fn setup_gen() -> impl Strategy<Value = Setup> {
         prop::option::of(1u64..8),
         prop_oneof![Just(0u64), 100u64..5_000],
         2usize..=4,
+        1usize..=3,
     )
-        .prop_map(|(limits, concurrent, quota, holders)| Setup {
+        .prop_map(|(limits, concurrent, quota, holders, instances)| Setup {
             limits,
             concurrent,
             quota,
             holders,
+            instances,
         })
 }
 
@@ -205,6 +211,44 @@ impl Request {
     }
 }
 
+/// The ledger as several instances see it: each has its own `Account`, and they take turns
+/// through the shared state (one writer at a time, as Redis's swap over a version makes it).
+struct Ledgers {
+    instances: Vec<Account>,
+    shared: Option<LedgerState>,
+    current: usize,
+}
+
+impl Ledgers {
+    fn new(s: &Setup) -> Ledgers {
+        let instances = (0..s.instances)
+            .map(|i| {
+                let mut a = Account::new(&s.spec(), T0).expect("a valid spec");
+                a.set_owner(i as u64 + 1);
+                a
+            })
+            .collect();
+        Ledgers {
+            instances,
+            shared: None,
+            current: 0,
+        }
+    }
+
+    /// Instance `i`'s account, holding the latest shared state.
+    fn at(&mut self, i: usize, now: Millis) -> &mut Account {
+        let i = i % self.instances.len();
+        if i != self.current {
+            self.shared = Some(self.instances[self.current].ledger_state(now));
+            if let Some(shared) = &self.shared {
+                self.instances[i].load_ledger(shared, now);
+            }
+            self.current = i;
+        }
+        &mut self.instances[i]
+    }
+}
+
 /// One exchange of holder `h` with the ledger, as the runtime does it.
 fn exchange(
     a: &mut Account,
@@ -296,7 +340,7 @@ fn check_guarantee(s: &Setup, log: &[Request]) -> Result<(), TestCaseError> {
 }
 
 fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
-    let mut a = Account::new(&s.spec(), T0).expect("a valid spec");
+    let mut l = Ledgers::new(s);
     let mut shards: Vec<Shard> = (0..s.holders).map(|_| Shard::new()).collect();
     let mut log: Vec<Request> = Vec::new();
     let mut now = T0;
@@ -307,15 +351,15 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
         match op {
             Op::Reserve { holder, estimate } => {
                 let h = holder % s.holders;
-                let epoch = a.epoch();
+                let epoch = l.at(h, now).epoch();
                 let admission = match shards[h].reserve(estimate, epoch, now + LEASE_TTL) {
                     Ok(ticket) => Some(Admission::Shard(h, ticket)),
                     Err(miss) => {
                         let need = Units::request(estimate);
                         let answer = if miss == ShardMiss::Dry {
-                            exchange(&mut a, &mut shards[h], now, need)
+                            exchange(l.at(h, now), &mut shards[h], now, need)
                         } else {
-                            let out = a.exchange(
+                            let out = l.at(h, now).exchange(
                                 MODEL,
                                 None,
                                 None,
@@ -356,7 +400,8 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
                     let settled = match log[i].admission {
                         Admission::Shard(h, ticket) => shards[h].commit(ticket, tokens, now),
                         Admission::Reservation(id) => {
-                            a.commit(id, Usage::Reported(tokens), now, &mut Vec::new())
+                            l.at(i, now)
+                                .commit(id, Usage::Reported(tokens), now, &mut Vec::new())
                         }
                     };
                     prop_assert!(settled);
@@ -367,7 +412,7 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
                 if let Some(i) = pick(p) {
                     let settled = match log[i].admission {
                         Admission::Shard(h, ticket) => shards[h].release(ticket),
-                        Admission::Reservation(id) => a.release(id),
+                        Admission::Reservation(id) => l.at(i, now).release(id),
                     };
                     prop_assert!(settled);
                     log[i].released = true;
@@ -376,12 +421,12 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
             Op::Tick { holder } => {
                 let h = holder % s.holders;
                 if shards[h].wants_exchange(now + HORIZON) {
-                    exchange(&mut a, &mut shards[h], now, Units::ZERO);
+                    exchange(l.at(h, now), &mut shards[h], now, Units::ZERO);
                 }
             }
-            Op::Revoke => a.revoke_leases(),
+            Op::Revoke => l.at(0, now).revoke_leases(),
         }
-        check_ledger(s, &a)?;
+        check_ledger(s, l.at(0, now))?;
     }
 
     // Everything ends: settle what is in flight, close every holder; nothing may stay held.
@@ -389,14 +434,17 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
     for r in log.iter_mut().filter(|r| r.open()) {
         let settled = match r.admission {
             Admission::Shard(h, ticket) => shards[h].commit(ticket, r.estimate, now),
-            Admission::Reservation(id) => a.commit(id, Usage::Estimate, now, &mut Vec::new()),
+            Admission::Reservation(id) => {
+                l.at(0, now)
+                    .commit(id, Usage::Estimate, now, &mut Vec::new())
+            }
         };
         prop_assert!(settled);
         r.committed = Some((now, r.estimate));
     }
-    for shard in &mut shards {
+    for (h, shard) in shards.iter_mut().enumerate() {
         let report = shard.close(now);
-        a.exchange(
+        l.at(h, now).exchange(
             MODEL,
             report.as_ref(),
             None,
@@ -409,7 +457,8 @@ fn run(s: &Setup, steps: &[(Millis, Op)]) -> Result<(), TestCaseError> {
         );
         prop_assert!(shard.is_idle());
     }
-    check_ledger(s, &a)?;
+    let a = l.at(0, now);
+    check_ledger(s, a)?;
     prop_assert_eq!(a.inflight(), 0, "slots left held");
     prop_assert_eq!(a.quota().reserved(), 0, "quota tokens left held");
     prop_assert!(
@@ -430,7 +479,7 @@ proptest! {
     })]
 
     #[test]
-    fn leases_across_holders_never_overfill_a_limit_nor_lose_a_unit(
+    fn leases_across_holders_and_instances_never_overfill_a_limit_nor_lose_a_unit(
         s in setup_gen(),
         steps in steps_gen(),
     ) {

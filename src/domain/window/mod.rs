@@ -143,6 +143,9 @@ pub struct Window {
     buckets: VecDeque<Bucket>,
     period_end: Millis,
     ceiling: Option<Ceiling>,
+    /// This process keeps to `1 / share` of the limit (instances sharing the limit while their
+    /// shared ledger is out of reach); 1 otherwise.
+    share: u64,
 }
 
 impl Window {
@@ -168,7 +171,26 @@ impl Window {
             buckets: VecDeque::new(),
             period_end,
             ceiling: None,
+            share: 1,
         }))
+    }
+
+    /// The limit this process keeps to: the whole, or its share (see [`Window::set_share`]).
+    fn cap(&self) -> u64 {
+        self.def.limit / self.share
+    }
+
+    /// Keeps to a `1 / share` part of the limit from now on (1: the whole limit).
+    pub fn set_share(&mut self, share: u64) {
+        self.share = share.max(1);
+    }
+
+    /// Forgets the units in flight (a ledger replaced by a shared one recounts its leases).
+    pub fn forget_inflight(&mut self) {
+        if let Some(c) = self.ceiling.as_mut() {
+            c.used = c.used.saturating_sub(self.inflight);
+        }
+        self.inflight = 0;
     }
 
     pub fn kind(&self) -> LimitKind {
@@ -218,7 +240,7 @@ impl Window {
 
     /// Units that may still be admitted now (also under an upstream ceiling).
     pub fn remaining(&self, now: Millis) -> u64 {
-        let mut room = self.def.limit.saturating_sub(self.used());
+        let mut room = self.cap().saturating_sub(self.used());
         if let Some(c) = self.active_ceiling(now) {
             room = room.min(c.remaining.saturating_sub(c.used));
         }
@@ -272,8 +294,8 @@ impl Window {
         }
         let used = self.used();
         let mut block = None;
-        if used + need > self.def.limit {
-            block = Some(self.retry_at(used + need - self.def.limit, now));
+        if used + need > self.cap() {
+            block = Some(self.retry_at(used + need - self.cap(), now));
         }
         if let Some(c) = self.active_ceiling(now) {
             if c.used + need > c.remaining {
