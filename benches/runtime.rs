@@ -109,6 +109,7 @@ fn settings(arbiters: usize) -> RuntimeSettings {
         metrics: Metrics::new(),
         webhook_url: None,
         source: None,
+        ledger: None,
     }
 }
 

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{Config, DatabaseBackend};
+use crate::ledger::{RedisProblem, RedisTarget};
 use crate::secrets::{MasterKey, MASTER_KEY_FILE};
 use crate::store::{self, ConnectionFactory};
-use crate::sync::{self, RedisProblem};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -196,24 +196,24 @@ fn check_database(config: &Config) -> Check {
 }
 
 fn check_redis(config: &Config) -> Check {
-    let client = match sync::client(&config.redis) {
+    let target = match RedisTarget::from_config(&config.redis) {
         Ok(None) => {
             return Check::ok(
                 "redis",
                 "off (redis.host is empty): state is kept in memory and synced to the database",
             )
         }
-        Ok(Some(client)) => client,
+        Ok(Some(target)) => target,
         Err(problem) => {
             return Check::problem(
                 Status::Fail,
                 "redis",
                 problem.to_string(),
-                "write redis.host as host:port, e.g. localhost:6379",
+                "write redis.host as host:port, e.g. localhost:6379 (several, comma-separated, for a Redis Cluster)",
             )
         }
     };
-    let result = actix_web::rt::System::new().block_on(sync::ping(&client, TIMEOUT));
+    let result = actix_web::rt::System::new().block_on(target.ping(TIMEOUT));
     match result {
         Ok(()) => Check::ok(
             "redis",

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub sync_up: IntGaugeVec,
     /// The request tracker and the scheduled jobs.
     pub tracking: TrackingMetrics,
+    /// The shared ledgers in Redis (several instances).
+    pub ledger: LedgerMetrics,
     /// Client requests by provider (`-` when refused before one was chosen) and status.
     pub requests_total: IntCounterVec,
     /// Client request latency by provider and status, seconds.
@@ -167,6 +169,7 @@ impl Metrics {
             )
             .expect("valid metric"),
             tracking: TrackingMetrics::new(),
+            ledger: LedgerMetrics::new(),
             requests_total: requests_total.clone(),
             request_duration_seconds: request_duration_seconds.clone(),
             log_lines_dropped_total: IntCounter::new(
@@ -200,7 +203,12 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
-        for collector in m.tracking.collectors() {
+        for collector in m
+            .tracking
+            .collectors()
+            .into_iter()
+            .chain(m.ledger.collectors())
+        {
             m.registry
                 .register(collector)
                 .expect("metric names are unique");
@@ -323,6 +331,64 @@ impl TrackingMetrics {
             Box::new(self.tracker_write_failures_total.clone()),
             Box::new(self.tracker_rows_written_total.clone()),
             Box::new(self.job_runs_total.clone()),
+        ]
+    }
+}
+
+/// Metrics of the shared ledgers in Redis (`ledger`): whether the instance reaches them, how
+/// many instances share them, and what keeping them in step costs.
+#[derive(Clone)]
+pub struct LedgerMetrics {
+    /// 1 while Redis answers; 0 while the instance keeps to its safe share (degraded).
+    pub up: IntGauge,
+    /// Live instances, as the heartbeats in Redis last said.
+    pub instances: IntGauge,
+    /// Accounts this instance serves from a safe share because their ledger is out of reach.
+    pub degraded_accounts: IntGauge,
+    /// Ledger writes (one per account operation that changed it).
+    pub writes_total: IntCounter,
+    /// Writes refused because another instance wrote first (retried on the newer ledger).
+    pub conflicts_total: IntCounter,
+}
+
+impl LedgerMetrics {
+    fn new() -> LedgerMetrics {
+        LedgerMetrics {
+            up: IntGauge::new(
+                "quotagate_ledger_up",
+                "1 while the shared ledgers in Redis answer; 0 while serving from a safe share",
+            )
+            .expect("valid metric"),
+            instances: IntGauge::new(
+                "quotagate_ledger_instances",
+                "Live instances sharing the ledgers, by their heartbeats",
+            )
+            .expect("valid metric"),
+            degraded_accounts: IntGauge::new(
+                "quotagate_ledger_degraded_accounts",
+                "Accounts served from a safe share because their ledger is out of reach",
+            )
+            .expect("valid metric"),
+            writes_total: IntCounter::new(
+                "quotagate_ledger_writes_total",
+                "Writes to the shared ledgers",
+            )
+            .expect("valid metric"),
+            conflicts_total: IntCounter::new(
+                "quotagate_ledger_conflicts_total",
+                "Ledger writes retried because another instance wrote first",
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.up.clone()),
+            Box::new(self.instances.clone()),
+            Box::new(self.degraded_accounts.clone()),
+            Box::new(self.writes_total.clone()),
+            Box::new(self.conflicts_total.clone()),
         ]
     }
 }

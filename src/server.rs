@@ -26,11 +26,10 @@ use crate::http::auth::Credentials;
 use crate::http::upstream::UpstreamSettings;
 use crate::http::{self, AppState};
 use crate::jobs::Scheduler;
-use crate::manage;
+use crate::ledger::{LedgerClock, LedgerLink, RedisTarget};
 use crate::metrics::Metrics;
-use crate::provision;
-use crate::secrets::{self, KeyOrigin, MasterKey};
-use crate::store::{accounts, keys, settings, Store, StoreError};
+use crate::secrets::{KeyOrigin, MasterKey};
+use crate::store::{accounts, settings, Store};
 use crate::sync::mark::{self, AdmissionGate};
 use crate::sync::restore;
 use crate::sync::syncer::{Flush, SyncSettings, Syncer};
@@ -55,13 +54,12 @@ async fn serve(config: Config) -> Result<(), String> {
              credentials cannot be decrypted"
         );
     }
-    hand_out_first_secrets(&store, &config).map_err(|e| e.to_string())?;
-    let report = provision::apply(
+    let report = crate::startup::prepare(
         &mut *store.conn().map_err(|e| e.to_string())?,
+        &config,
         &master_key,
-        &config.providers,
     )
-    .map_err(|e| format!("applying the providers of {}: {e}", config.path.display()))?;
+    .map_err(|e| e.to_string())?;
     log::info!(
         providers_created = report.providers_created,
         providers_updated = report.providers_updated,
@@ -72,9 +70,13 @@ async fn serve(config: Config) -> Result<(), String> {
         "applied the providers declared in the config"
     );
 
-    let redis = crate::sync::client(&config.redis).map_err(|e| e.to_string())?;
     let metrics = Metrics::new();
-    let runtime = start_runtime(&config, &store, &master_key, redis.as_ref(), &metrics).await?;
+    let Node {
+        runtime,
+        syncer,
+        redis,
+        ledger,
+    } = start_node(&config, &store, &master_key, &metrics).await?;
     // After the restore read the previous process's mark, before anything can be admitted.
     match AdmissionGate::open(
         &config.data_dir,
@@ -87,7 +89,6 @@ async fn serve(config: Config) -> Result<(), String> {
             log::error!(event = "crash_mark_failed"; "{e}; a crash will be charged as if busy")
         }
     }
-    let syncer = start_syncer(&config, &runtime, &store, redis.clone(), &metrics);
     persist_disabled_accounts(&runtime, &store);
     let tracker = Tracker::start(store.clone(), &config.tracking, &metrics);
     audit_runtime_events(runtime.events(), tracker.clone());
@@ -101,6 +102,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let state = AppState {
         store: store.clone(),
         redis,
+        ledger: ledger.clone(),
         runtime,
         credentials,
         syncer: syncer.clone(),
@@ -184,9 +186,17 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| e.to_string())
         .and_then(|r| r)
     {
-        Ok(report) => {
-            log::info!(event = "shutdown", accounts = report.accounts, redis = report.redis; "account state flushed");
+        Ok(report) if ledger.as_ref().is_none_or(LedgerLink::is_up) => {
+            log::info!(event = "shutdown", accounts = report.accounts; "account state flushed");
+            if let Some(ledger) = &ledger {
+                ledger.leave().await;
+            }
             mark_clean(&store).await?;
+        }
+        Ok(_) => {
+            // What this instance admitted on its share is in no ledger yet: the next start
+            // must charge for it.
+            log::error!(event = "shutdown"; "the shared ledgers are out of reach, leaving no clean-shutdown mark");
         }
         Err(e) => {
             // Without the mark the next start charges the unknown gap: safe, only less exact.
@@ -197,12 +207,48 @@ async fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Loads the catalog and the saved state, and starts the actor runtime.
-pub async fn start_runtime(
+/// What runs below the HTTP front door of one instance.
+pub struct Node {
+    pub runtime: QuotaSystem,
+    /// Writes account state to the database.
+    pub syncer: actix::Addr<Syncer>,
+    /// `None` when Redis is off.
+    pub redis: Option<RedisTarget>,
+    /// The shared ledgers (Redis configured).
+    pub ledger: Option<LedgerLink>,
+}
+
+/// Links this instance to the shared ledgers (Redis configured), restores the saved state,
+/// starts the actor runtime and the sync: everything `serve` runs but the HTTP server.
+pub async fn start_node(
     config: &Config,
     store: &Store,
     key: &MasterKey,
-    redis: Option<&redis::Client>,
+    metrics: &Metrics,
+) -> Result<Node, String> {
+    let redis = RedisTarget::from_config(&config.redis).map_err(|e| e.to_string())?;
+    let clock = Arc::new(LedgerClock::new(Arc::new(SystemClock)));
+    let ledger = match &redis {
+        Some(target) => Some(start_ledger(config, target, &clock, store, metrics).await?),
+        None => None,
+    };
+    let runtime = start_runtime(config, store, key, ledger.clone(), clock, metrics).await?;
+    let syncer = start_syncer(config, &runtime, store, metrics);
+    Ok(Node {
+        runtime,
+        syncer,
+        redis,
+        ledger,
+    })
+}
+
+/// Loads the catalog and the saved state, and starts the actor runtime.
+async fn start_runtime(
+    config: &Config,
+    store: &Store,
+    key: &MasterKey,
+    ledger: Option<LedgerLink>,
+    clock: Arc<LedgerClock>,
     metrics: &Metrics,
 ) -> Result<QuotaSystem, String> {
     let quota = QuotaSettings {
@@ -219,7 +265,7 @@ pub async fn start_runtime(
         .collect();
     let plan = restore::plan(
         store,
-        redis,
+        None,
         &ids,
         (config.sync.redis_interval, config.sync.database_interval),
         mark::read(&config.data_dir),
@@ -236,7 +282,7 @@ pub async fn start_runtime(
     };
     let webhook = config.notifications.webhook_url.trim();
     let settings = RuntimeSettings {
-        clock: Arc::new(SystemClock),
+        clock,
         arbiters,
         reservation_timeout: config.sync.reservation_timeout,
         report_interval: config.sync.report_interval,
@@ -251,6 +297,7 @@ pub async fn start_runtime(
             quota,
             poll_every: CATALOG_POLL,
         }),
+        ledger,
     };
     QuotaSystem::start(settings, specs, plan.saved).await
 }
@@ -311,17 +358,16 @@ fn sync_tick(config: &Config) -> Duration {
 
 /// Starts the periodic sync of account state to the database and Redis (and, when the runtime
 /// has an admission gate, marks the runtime idle once everything is synced).
-pub fn start_syncer(
+fn start_syncer(
     config: &Config,
     runtime: &QuotaSystem,
     store: &Store,
-    redis: Option<redis::Client>,
     metrics: &Metrics,
 ) -> actix::Addr<Syncer> {
     Syncer::new(
         runtime.clone(),
         store.clone(),
-        redis,
+        None,
         SyncSettings {
             redis_interval: config.sync.redis_interval,
             database_interval: config.sync.database_interval,
@@ -329,6 +375,31 @@ pub fn start_syncer(
         metrics.clone(),
     )
     .start()
+}
+
+/// Links this instance to the shared ledgers in Redis and keeps it beating.
+async fn start_ledger(
+    config: &Config,
+    target: &RedisTarget,
+    clock: &Arc<LedgerClock>,
+    _store: &Store,
+    metrics: &Metrics,
+) -> Result<LedgerLink, String> {
+    let link = LedgerLink::start(
+        target.clone(),
+        config.redis.timeout,
+        config.instance.id.clone(),
+        clock.clone(),
+        metrics.ledger.clone(),
+        1,
+    )
+    .await;
+    link.keep_beating();
+    log::info!(
+        event = "ledger_joined", instance = link.instance_id(), owner = link.owner(), instances = link.live_instances();
+        "account ledgers are shared in Redis"
+    );
+    Ok(link)
 }
 
 /// Writes the clean-shutdown mark: the next start restores exactly.
@@ -358,31 +429,4 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// A first start with no admin token configured and no client key yet: make both and print them
-/// once on stdout (never through the logger), so the quick start needs no setup step.
-fn hand_out_first_secrets(store: &Store, config: &Config) -> Result<(), StoreError> {
-    let mut conn = store.conn()?;
-    if config.security.admin_token.is_empty()
-        && settings::get(&mut conn, settings::ADMIN_TOKEN_HASH)?.is_none()
-    {
-        let token = secrets::generate_token(manage::ADMIN_TOKEN_PREFIX);
-        settings::put(
-            &mut conn,
-            settings::ADMIN_TOKEN_HASH,
-            &secrets::hash_token(token.expose()),
-        )?;
-        println!("quotagate: generated an admin token (shown only now; `quotagate admin-token rotate` makes a new one):");
-        println!("  admin token: {}", token.expose());
-    }
-    if keys::list(&mut conn)?.is_empty() {
-        let (created, token) = manage::create_key(&mut conn, "default", "default")?;
-        println!(
-            "quotagate: generated client key `{}` for user `{}` (shown only now):",
-            created.key.name, created.user_name
-        );
-        println!("  client key: {}", token.expose());
-    }
-    Ok(())
 }

@@ -65,13 +65,9 @@ impl Harness {
         let key = MasterKey::generate();
         quotagate::provision::apply(&mut store.conn().unwrap(), &key, &config.providers).unwrap();
         let metrics = Metrics::new();
-        let redis = quotagate::sync::client(&config.redis).unwrap();
-        let runtime =
-            quotagate::server::start_runtime(&config, &store, &key, redis.as_ref(), &metrics)
-                .await
-                .unwrap();
-        let syncer =
-            quotagate::server::start_syncer(&config, &runtime, &store, redis.clone(), &metrics);
+        let node = quotagate::server::start_node(&config, &store, &key, &metrics)
+            .await
+            .unwrap();
         let credentials = Credentials::new(&config.security.admin_token);
         let client_key = {
             let mut conn = store.conn().unwrap();
@@ -84,10 +80,11 @@ impl Harness {
             quotagate::actors::tracker::Tracker::start(store.clone(), &config.tracking, &metrics);
         let state = AppState {
             store,
-            redis,
-            runtime,
+            redis: node.redis,
+            ledger: node.ledger,
+            runtime: node.runtime,
             credentials,
-            syncer,
+            syncer: node.syncer,
             master_key: key,
             upstream: UpstreamSettings {
                 connect_timeout: Duration::from_secs(1),

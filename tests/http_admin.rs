@@ -52,10 +52,9 @@ impl Harness {
         let key = MasterKey::generate();
         quotagate::provision::apply(&mut store.conn().unwrap(), &key, &config.providers).unwrap();
         let metrics = Metrics::new();
-        let runtime = quotagate::server::start_runtime(&config, &store, &key, None, &metrics)
+        let node = quotagate::server::start_node(&config, &store, &key, &metrics)
             .await
             .unwrap();
-        let syncer = quotagate::server::start_syncer(&config, &runtime, &store, None, &metrics);
         let credentials = Credentials::new(&config.security.admin_token);
         {
             let mut conn = store.conn().unwrap();
@@ -66,10 +65,11 @@ impl Harness {
             quotagate::actors::tracker::Tracker::start(store.clone(), &config.tracking, &metrics);
         let state = AppState {
             store,
-            redis: None,
-            runtime,
+            redis: node.redis,
+            ledger: node.ledger,
+            runtime: node.runtime,
             credentials,
-            syncer,
+            syncer: node.syncer,
             master_key: key,
             upstream: UpstreamSettings {
                 connect_timeout: Duration::from_secs(1),

@@ -1,6 +1,6 @@
 //! Persistence of the runtime's state with real Redis and databases: clean restarts restore
-//! exactly (from Redis, or from the database when Redis is empty or off), and the gateway keeps
-//! serving while Redis or Postgres go away and come back.
+//! exactly (from the ledgers in Redis, or from the database when Redis is empty or off), and the
+//! gateway keeps serving while Redis or Postgres go away and come back.
 
 mod common;
 
@@ -13,11 +13,11 @@ use quotagate::actors::QuotaSystem;
 use quotagate::cli::open_store;
 use quotagate::config::Config;
 use quotagate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
+use quotagate::ledger::ledger_key;
 use quotagate::metrics::Metrics;
 use quotagate::secrets::MasterKey;
-use quotagate::server::{mark_clean, start_runtime, start_syncer};
+use quotagate::server::{mark_clean, start_node};
 use quotagate::store::{settings, Store};
-use quotagate::sync::redis_link::account_key;
 use quotagate::sync::syncer::{Flush, Syncer};
 
 // ------------------------------------------------------------------------------------------------
@@ -117,15 +117,11 @@ async fn boot(config: &Config) -> Node {
     let (key, _) =
         MasterKey::load_or_generate(&config.security.master_key, &config.data_dir).unwrap();
     quotagate::provision::apply(&mut store.conn().unwrap(), &key, &config.providers).unwrap();
-    let redis = quotagate::sync::client(&config.redis).unwrap();
     let metrics = Metrics::new();
-    let runtime = start_runtime(config, &store, &key, redis.as_ref(), &metrics)
-        .await
-        .unwrap();
-    let syncer = start_syncer(config, &runtime, &store, redis, &metrics);
+    let node = start_node(config, &store, &key, &metrics).await.unwrap();
     Node {
-        runtime,
-        syncer,
+        runtime: node.runtime,
+        syncer: node.syncer,
         store,
         metrics,
     }
@@ -322,50 +318,48 @@ async fn redis_going_away_and_coming_back_costs_no_request_and_is_logged_once_ea
     let node = boot(&config).await;
     let (served, failed) = keep_requesting(&node, Duration::from_millis(300)).await;
     assert!(served > 0 && failed == 0);
+    let up = node.metrics.ledger.up.clone();
+    assert_eq!(up.get(), 1);
 
     redis.stop();
     let (served, failed) = keep_requesting(&node, Duration::from_millis(1500)).await;
     assert!(served > 0);
     assert_eq!(failed, 0, "no request fails because Redis is down");
-    let up = node.metrics.sync_up.with_label_values(&["redis"]);
     assert_eq!(up.get(), 0);
-    assert!(
-        node.metrics
-            .sync_failures_total
-            .with_label_values(&["redis"])
-            .get()
-            >= 2
-    );
+    assert_eq!(node.metrics.ledger.degraded_accounts.get(), 1);
 
     redis.restart();
-    wait_until("the Redis link to come back", || up.get() == 1).await;
+    wait_until("the ledger to be shared again", || {
+        up.get() == 1 && node.metrics.ledger.degraded_accounts.get() == 0
+    })
+    .await;
     let (_, failed) = keep_requesting(&node, Duration::from_millis(300)).await;
     assert_eq!(failed, 0);
-    node.syncer.send(Flush).await.unwrap().unwrap();
     assert_eq!(
-        count_events("sync_failed", "redis"),
+        count_events("ledger_degraded", ""),
         1,
-        "one line when the link goes down"
+        "one line when the ledgers go out of reach"
     );
     assert_eq!(
-        count_events("sync_recovered", "redis"),
+        count_events("ledger_recovered", ""),
         1,
-        "one line when it comes back"
+        "one line when they are back"
     );
 
-    // The state was written back: Redis holds the runtime's current usage.
+    // What was admitted meanwhile is in the ledger: Redis holds the runtime's current usage.
     let account = node.runtime.registry().account("p/a").unwrap().id.clone();
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
         .unwrap();
-    let json: String = redis::cmd("GET")
-        .arg(account_key(&account))
+    let stored: String = redis::cmd("GET")
+        .arg(ledger_key(&account))
         .query(&mut conn)
         .unwrap();
-    let saved: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let (_, json) = quotagate::ledger::split(&stored).unwrap();
+    let ledger: serde_json::Value = serde_json::from_str(json).unwrap();
     let used = node.runtime.status("p/a").await.unwrap().current_usage;
-    assert_eq!(saved["quota"]["used"].as_u64().unwrap(), used);
+    assert_eq!(ledger["counters"]["quota"]["used"].as_u64().unwrap(), used);
     node.runtime.shutdown();
 }
 

@@ -6,70 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quotagate::actors::catalog::{MemberSpec, ModelSpec, ProviderSpec, QuotaSettings, Upstream};
+mod common;
+
+use common::specs::{account, limit, provider, MODEL};
+use quotagate::actors::catalog::{ModelSpec, ProviderSpec, QuotaSettings};
 use quotagate::actors::events::Event;
 use quotagate::actors::{AcquireError, QuotaSystem, Reservation, RuntimeSettings, TokioClock};
-use quotagate::domain::account::{AccountSpec, Feedback, RateHeaders, UpstreamOutcome, Usage};
+use quotagate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
 use quotagate::domain::refusal::Verdict;
 use quotagate::domain::schedule::Schedule;
-use quotagate::domain::{LimitKind, LimitSpec, NamedLimit, Strategy, Tokenizer};
+use quotagate::domain::{LimitKind, Strategy, Tokenizer};
 use quotagate::metrics::Metrics;
 
 /// 2026-11-28T23:00:00Z: one hour before the daily quota reset.
 const START: i64 = 1_795_906_800_000;
-const MODEL: &str = "m";
-
-fn limit(kind: LimitKind, limit: u64, per_secs: Option<u64>) -> LimitSpec {
-    LimitSpec {
-        kind,
-        limit,
-        per: per_secs.map(Duration::from_secs),
-        reset: None,
-    }
-}
-
-fn account(id: &str, quota_limit: u64, limits: Vec<LimitSpec>) -> MemberSpec {
-    MemberSpec {
-        name: Arc::from(id),
-        spec: AccountSpec {
-            id: Arc::from(id),
-            active: true,
-            disabled_reason: None,
-            expires_at: None,
-            quota_limit,
-            quota_used: 0,
-            quota_schedule: Schedule::daily_utc(),
-            warning_threshold: 0.8,
-            limits: limits.into_iter().map(|l| (None, l)).collect(),
-            header_requests: Some(NamedLimit::Rpm),
-            header_tokens: None,
-        },
-        credentials: None,
-    }
-}
-
-fn provider(name: &str, strategy: Strategy, accounts: Vec<MemberSpec>) -> ProviderSpec {
-    ProviderSpec {
-        id: Arc::from(format!("id-{name}")),
-        name: Arc::from(name),
-        active: true,
-        strategy,
-        upstream: Upstream {
-            base_url: "http://127.0.0.1:9/v1".into(),
-            auth_header: "Authorization".into(),
-            auth_scheme: "Bearer".into(),
-            timeout: None,
-            max_completion_tokens: 100,
-            tokenizer: Tokenizer::Bytes,
-        },
-        models: vec![ModelSpec {
-            name: Arc::from(MODEL),
-            price_input: 0.0,
-            price_output: 0.0,
-        }],
-        accounts,
-    }
-}
 
 fn settings(arbiters: usize) -> RuntimeSettings {
     RuntimeSettings {
@@ -86,6 +36,7 @@ fn settings(arbiters: usize) -> RuntimeSettings {
         metrics: Metrics::new(),
         webhook_url: None,
         source: None,
+        ledger: None,
     }
 }
 
@@ -135,6 +86,13 @@ async fn settle() {
 async fn advance(d: Duration) {
     tokio::time::advance(d).await;
     settle().await;
+}
+
+/// Advances by `d` one second at a time, so that the workers' reports keep their leases.
+async fn advance_steadily(d: Duration) {
+    for _ in 0..d.as_secs() {
+        advance(Duration::from_secs(1)).await;
+    }
 }
 
 #[actix::test]
@@ -436,9 +394,11 @@ async fn a_renewed_reservation_outlives_the_timeout() {
     )])
     .await;
     let lease = acquire(&qs, 50).await.unwrap();
-    advance(Duration::from_secs(500)).await;
+    // In steps shorter than the lease TTL, as the worker's reports run in real time: a single
+    // jump past it would expire the worker's whole lease (its holder silent that long).
+    advance_steadily(Duration::from_secs(500)).await;
     lease.guard.renew();
-    advance(Duration::from_secs(500)).await;
+    advance_steadily(Duration::from_secs(500)).await;
     assert_eq!(
         qs.status("a").await.unwrap().current_usage,
         0,

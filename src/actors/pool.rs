@@ -12,14 +12,15 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use super::account::{
-    AccountActor, Broke, GetStatus, LeaseControl, LedgerTimes, Reset, Roll, Snapshot, Stop,
-    UpdateAccount,
+    AccountActor, AccountSetup, Broke, GetStatus, LeaseControl, LedgerTimes, Reset, Roll, Snapshot,
+    Stop, UpdateAccount,
 };
 use super::events::{AccountRef, EventSink};
 use crate::domain::account::{Account, AccountSpec, AccountState};
 use crate::domain::schedule::Schedule;
 use crate::domain::time::SharedClock;
 use crate::domain::Strategy;
+use crate::ledger::LedgerLink;
 
 /// How often the pool refreshes its `available_accounts` gauge.
 const AVAILABILITY_EVERY: Duration = Duration::from_secs(5);
@@ -148,6 +149,8 @@ pub struct PoolSettings {
     /// When quotas reset: the pool tells its members at each boundary.
     pub quota_schedule: Schedule,
     pub events: EventSink,
+    /// The shared ledgers (Redis configured; several instances), else `None`.
+    pub ledger: Option<LedgerLink>,
 }
 
 pub struct PoolActor {
@@ -198,6 +201,7 @@ impl PoolActor {
         gap: Option<i64>,
         control: &Arc<LeaseControl>,
         me: Recipient<Broke>,
+        rebuilt: bool,
     ) -> Result<Addr<AccountActor>, String> {
         let now = self.settings.clock.now_ms();
         let mut account = Account::new(spec, now)?;
@@ -211,12 +215,15 @@ impl PoolActor {
         }
         let actor = AccountActor::new(
             account,
-            self.account_ref(&spec.id, name),
-            self.settings.clock.clone(),
-            self.settings.times,
-            self.settings.events.clone(),
-            control.clone(),
-            Some(me),
+            AccountSetup {
+                who: self.account_ref(&spec.id, name),
+                clock: self.settings.clock.clone(),
+                times: self.settings.times,
+                events: self.settings.events.clone(),
+                control: control.clone(),
+                on_broken: Some(me),
+                ledger: self.settings.ledger.clone().map(|link| (link, rebuilt)),
+            },
         );
         Ok(actor.start())
     }
@@ -244,6 +251,7 @@ impl PoolActor {
                 gap,
                 &member.control,
                 me.clone(),
+                true,
             ) {
                 Ok(addr) => {
                     log::error!(
@@ -419,6 +427,7 @@ impl Handler<AddAccount> for PoolActor {
             msg.gap,
             &control,
             ctx.address().recipient(),
+            false,
         )?;
         self.members.push(Member {
             id: msg.spec.id.clone(),

@@ -48,6 +48,10 @@ pub struct RuntimeSettings {
     pub metrics: Metrics,
     pub webhook_url: Option<String>,
     pub source: Option<CatalogSource>,
+    /// The shared ledgers (Redis configured): `clock` must then be their [`LedgerClock`].
+    ///
+    /// [`LedgerClock`]: crate::ledger::LedgerClock
+    pub ledger: Option<crate::ledger::LedgerLink>,
 }
 
 /// Why `acquire` admitted nothing.
@@ -118,6 +122,7 @@ impl QuotaSystem {
             peak_interval: settings.peak_interval,
             quota_schedule: settings.quota.schedule.clone(),
             events: events.clone(),
+            ledger: settings.ledger.clone(),
         };
         let supervisor = Supervisor::new(
             pool_settings,

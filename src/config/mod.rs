@@ -58,6 +58,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
+    /// `instance.id` resolved: never empty.
+    pub instance: InstanceConfig,
     pub sync: SyncConfig,
     pub upstream: UpstreamConfig,
     pub quota: QuotaConfig,
@@ -85,6 +87,7 @@ struct FileConfig {
     data_dir: PathBuf,
     database: DatabaseConfig,
     redis: RedisConfig,
+    instance: InstanceConfig,
     sync: SyncConfig,
     upstream: UpstreamConfig,
     quota: QuotaConfig,
@@ -104,6 +107,7 @@ impl Default for FileConfig {
             data_dir: PathBuf::from("data"),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
+            instance: InstanceConfig::default(),
             sync: SyncConfig::default(),
             upstream: UpstreamConfig::default(),
             quota: QuotaConfig::default(),
@@ -183,12 +187,14 @@ fn build(
     }
     let backend = DatabaseBackend::from_url(file.database.url.expose(), dir)
         .map_err(|problem| Issue::new("database.url", problem))?;
+    let instance_id = instance_id(&file.instance.id, file.server.port);
     let config = Config {
         server: file.server,
         runtime: file.runtime,
         data_dir: resolve(dir, &file.data_dir),
         database: file.database,
         redis: file.redis,
+        instance: InstanceConfig { id: instance_id },
         sync: file.sync,
         upstream: file.upstream,
         quota: file.quota,
@@ -260,6 +266,24 @@ fn serde_problem(message: &str) -> String {
 /// beyond that (the file may not exist yet, and symlinks are kept as the user wrote them).
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// `instance.id` as configured, else `<host name>-<port>` (stable across restarts, unique per
+/// machine); with port 0 (any free port) the process id stands in for the port.
+fn instance_id(configured: &str, port: u16) -> String {
+    let configured = configured.trim();
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "quotagate".to_string());
+    match port {
+        0 => format!("{host}-pid{}", std::process::id()),
+        port => format!("{host}-{port}"),
+    }
 }
 
 fn resolve(dir: &Path, path: &Path) -> PathBuf {
@@ -409,14 +433,55 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// `redis`: the seed's three keys. An empty host means no Redis.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `redis`: the seed's three keys, and how long a call may take. An empty host means no Redis.
+///
+/// With Redis, every account's ledger lives there and is shared by every instance on it
+/// (API.md, "Several instances").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `host:port`, or empty for no Redis.
+    /// `host:port`; several, comma-separated (`h1:p1,h2:p2,…`), for a Redis Cluster (its seed
+    /// nodes); empty for no Redis.
     pub host: String,
     pub password: Secret,
+    /// The database number (standalone Redis only: a Cluster has only database 0).
     pub db: i64,
+    /// A call to Redis that takes longer counts as failed: the instance keeps to its safe share
+    /// until Redis answers again.
+    #[serde(with = "codec::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            host: String::new(),
+            password: Secret::default(),
+            db: 0,
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The configured nodes (`host:port` each); more than one means a Redis Cluster.
+    pub fn nodes(&self) -> Vec<&str> {
+        self.host
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .collect()
+    }
+}
+
+/// `instance`: this process among those that share one Redis and one database.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// Names this instance in Redis (its heartbeat) and in the database (its clean-shutdown mark);
+    /// it must differ between instances and stay the same across restarts of one. Empty: the
+    /// host name and the listening port (`host-8080`), which is both.
+    pub id: String,
 }
 
 /// `sync`: how often account state is flushed, how long a reservation may stay unsettled, and

@@ -34,6 +34,26 @@ pub(super) fn validate(config: &Config) -> Result<(), Issue> {
     )?;
     redis_host(&config.redis.host).map_err(|p| Issue::new("redis.host", p))?;
     check(config.redis.db >= 0, "redis.db", "must not be negative")?;
+    check(
+        config.redis.nodes().len() < 2 || config.redis.db == 0,
+        "redis.db",
+        "must be 0 with several redis.host nodes (a Redis Cluster has only database 0)",
+    )?;
+    positive("redis.timeout", config.redis.timeout)?;
+    check(
+        config.redis.timeout < config.sync.lease_ttl,
+        "redis.timeout",
+        "must be shorter than sync.lease_ttl (a lease must outlive a call that renews it)",
+    )?;
+    check(
+        config
+            .instance
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c)),
+        "instance.id",
+        "may hold only letters, digits and . _ - :",
+    )?;
 
     positive("sync.redis_interval", config.sync.redis_interval)?;
     positive("sync.database_interval", config.sync.database_interval)?;
@@ -352,11 +372,17 @@ fn timezone(key: &str, name: &str) -> Result<(), Issue> {
         .map_err(|problem| Issue::new(key, problem))
 }
 
-/// Empty (no Redis) or `host:port`, as the seed writes it.
-fn redis_host(host: &str) -> Result<(), String> {
-    if host.is_empty() {
-        return Ok(());
-    }
+/// Empty (no Redis), `host:port` as the seed writes it, or several comma-separated (the seed
+/// nodes of a Redis Cluster).
+fn redis_host(hosts: &str) -> Result<(), String> {
+    hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .try_for_each(one_redis_host)
+}
+
+fn one_redis_host(host: &str) -> Result<(), String> {
     if host.contains("://") {
         return Err("give host:port (e.g. localhost:6379), not a URL".to_string());
     }

@@ -484,24 +484,34 @@ fn an_upstream_ceiling_does_not_hide_that_in_flight_work_may_block_longer() {
 }
 
 #[test]
-fn a_fixed_window_retry_is_exact_when_the_in_flight_work_fits_the_next_period() {
+fn a_fixed_window_retry_is_exact_once_nothing_in_flight_can_give_units_back() {
     let mut a = open(&spec(vec![fixed(LimitKind::Requests, 4, "* * * * *")]));
     let window = label(&a, 0);
     for t in [T0, T0 + 1] {
         let id = granted(&mut a, M, 1, t);
         commit(&mut a, id, Usage::Reported(1), t);
     }
-    granted(&mut a, M, 1, T0 + 2);
-    granted(&mut a, M, 1, T0 + 3);
+    let third = granted(&mut a, M, 1, T0 + 2);
+    let fourth = granted(&mut a, M, 1, T0 + 3);
     assert_eq!(
         reserve(&mut a, M, 1, T0 + 4),
-        Err(rate_limited(window.clone(), T0 + 60_000, false)),
-        "two in flight plus one fit into the next minute's limit of four"
+        Err(rate_limited(window.clone(), T0 + 60_000, true)),
+        "two in flight plus one fit into the next minute's limit of four, but either may be \
+         released unused before it"
     );
-    granted(&mut a, M, 1, T0 + 60_000);
-    granted(&mut a, M, 1, T0 + 60_001);
+    for id in [third, fourth] {
+        commit(&mut a, id, Usage::Reported(1), T0 + 4);
+    }
     assert_eq!(
-        reserve(&mut a, M, 1, T0 + 60_002),
+        reserve(&mut a, M, 1, T0 + 5),
+        Err(rate_limited(window.clone(), T0 + 60_000, false)),
+        "all settled: the next minute, exactly"
+    );
+    for t in 0..4 {
+        granted(&mut a, M, 1, T0 + 60_000 + t);
+    }
+    assert_eq!(
+        reserve(&mut a, M, 1, T0 + 60_004),
         Err(rate_limited(window, T0 + 120_000, true)),
         "four in flight still count in the next minute"
     );

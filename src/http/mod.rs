@@ -34,7 +34,9 @@ use crate::sync::syncer::Syncer;
 pub struct AppState {
     pub store: Store,
     /// `None` when Redis is off (`redis.host` empty).
-    pub redis: Option<redis::Client>,
+    pub redis: Option<crate::ledger::RedisTarget>,
+    /// The shared ledgers (Redis configured).
+    pub ledger: Option<crate::ledger::LedgerLink>,
     pub runtime: QuotaSystem,
     /// Client keys and the admin token, in memory.
     pub credentials: auth::Credentials,
@@ -209,6 +211,10 @@ struct Readiness {
     database: &'static str,
     /// `ok`, `unhealthy` or `disabled`.
     redis: &'static str,
+    /// Where account limits are kept: `local` (no Redis), `shared` (one ledger per account in
+    /// Redis, for every instance), or `degraded` (Redis out of reach: this instance serves within
+    /// its share of what was left).
+    ledger: &'static str,
     /// Pools and accounts loaded in the actor runtime.
     pools: usize,
     accounts: usize,
@@ -236,7 +242,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     };
     let redis = match &state.redis {
         None => None,
-        Some(client) => Some(crate::sync::ping(client, PROBE_TIMEOUT).await),
+        Some(target) => Some(target.ping(PROBE_TIMEOUT).await),
     };
     if let Err(problem) = &database {
         log::warn!(event = "readiness_failed", target = "database"; "readiness probe: the database does not answer: {problem}");
@@ -251,6 +257,11 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         ready,
         database: health(ready),
         redis: redis.map_or("disabled", |r| health(r.is_ok())),
+        ledger: match &state.ledger {
+            None => "local",
+            Some(link) if link.is_up() => "shared",
+            Some(_) => "degraded",
+        },
         pools: registry.providers().len(),
         accounts: registry.accounts().len(),
     };

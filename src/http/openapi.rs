@@ -232,6 +232,9 @@ pub mod operations {
         database: String,
         /// `ok`, `unhealthy` or `disabled` (details only in the log).
         redis: String,
+        /// `local` (no Redis), `shared` (the account ledgers live in Redis, for every instance)
+        /// or `degraded` (Redis out of reach: this instance serves within its share).
+        ledger: String,
         pools: usize,
         accounts: usize,
     }

@@ -9,6 +9,7 @@ pub mod activity;
 pub mod audit;
 pub mod keys;
 pub mod limits;
+pub mod lock;
 pub mod logs;
 pub mod providers;
 pub mod schema;
@@ -261,14 +262,17 @@ impl Store {
     }
 }
 
-/// Applies pending migrations on the matched backend; returns their names.
+/// Applies pending migrations on the matched backend, under the start lock (instances starting
+/// together migrate one after the other); returns their names.
 pub fn run_migrations(conn: &mut DbConn) -> Result<Vec<String>, StoreError> {
-    let applied = match conn {
-        DbConn::Postgres(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS),
-        DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
-    }
-    .map_err(|e| StoreError::Migration(e.to_string()))?;
-    Ok(applied.iter().map(ToString::to_string).collect())
+    lock::with_start_lock(conn, |conn| {
+        let applied = match conn {
+            DbConn::Postgres(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS),
+            DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+        }
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+        Ok(applied.iter().map(ToString::to_string).collect())
+    })
 }
 
 /// The names of migrations not yet applied (for `quotagate doctor`).

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod services;
+pub mod specs;
 pub mod status;
 pub mod upstream;
 

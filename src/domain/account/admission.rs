@@ -227,6 +227,7 @@ impl Account {
         match self.leases.get_mut(&reservation) {
             Some(r) => {
                 r.deadline = now.saturating_add(timeout);
+                self.touch();
                 true
             }
             None => false,

@@ -303,11 +303,22 @@ impl Account {
         self.roll(now, events);
         let lease_deadline = now.saturating_add(lease_ttl);
         let mut lease: Option<u64> = None;
+        let model_cooling = self
+            .model_cooldowns
+            .iter()
+            .any(|(m, until)| &**m == model && now < *until);
+        // Stopped admitting (a cooldown, an open circuit…): only requests in flight keep units.
+        let closed = model_cooling || !self.open_for_leases(now);
         if let Some(report) = report {
             match report.lease.and_then(|id| self.leases.remove(&id)) {
                 Some(mut held) if held.holder => {
                     let id = report.lease.unwrap_or_default();
-                    let keep = report.keep.min(held.held.saturating_sub(Units {
+                    let wanted = if closed {
+                        report.keep.min(report.open)
+                    } else {
+                        report.keep
+                    };
+                    let keep = wanted.min(held.held.saturating_sub(Units {
                         slots: 0,
                         ..report.used
                     }));
@@ -363,11 +374,7 @@ impl Account {
             });
         }
         let denied = matches!(answer, Some(Err(_)));
-        let model_cooling = self
-            .model_cooldowns
-            .iter()
-            .any(|(m, until)| &**m == model && now < *until);
-        if !want.is_zero() && !denied && !model_cooling && self.open_for_leases(now) {
+        if !want.is_zero() && !denied && !closed && self.open_for_leases(now) {
             let room = self.room(model, now);
             let extra = want.min(fair_share(room, holders)).min(room);
             // Units that cannot admit a single request are not worth holding.

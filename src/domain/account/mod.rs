@@ -96,9 +96,9 @@ pub struct Account {
     next_lease: u64,
     /// The instance whose leases this process grants (0 without shared ledgers).
     owner: u64,
-    /// Instances sharing the account while its shared ledger is out of reach: this one keeps to
-    /// a `1 / share` part of every limit's room (see `shared`). 1 otherwise.
-    share: u64,
+    /// While the shared ledger is out of reach: the instances sharing the account, this one
+    /// keeping to a `1 / n` part of every limit's room (see `shared`). `None` otherwise.
+    share: Option<u64>,
     /// Usage this instance admitted while out of reach of the shared ledger, per model: reported
     /// to the ledger when it is back.
     unshared_use: Vec<(Arc<str>, Units, Millis)>,
@@ -204,7 +204,7 @@ impl Account {
             leases: HashMap::new(),
             next_lease: 1,
             owner: 0,
-            share: 1,
+            share: None,
             unshared_use: Vec::new(),
             epoch: 1,
             cooldown_until: 0,
@@ -264,6 +264,7 @@ impl Account {
     /// Stops admission from every lease at once (their units come back at their reports).
     pub fn revoke_leases(&mut self) {
         self.epoch += 1;
+        self.touch();
     }
 
     /// Sets how long the peak-rate intervals are (the sync interval).

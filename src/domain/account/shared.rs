@@ -41,6 +41,10 @@ pub struct LedgerState {
     pub consecutive_429: u32,
     pub latency_ewma: f64,
     pub error_ewma: f64,
+    /// Tells a ledger seeded afresh (after Redis lost it) from the one before: an instance that
+    /// finds another lineage merges its own leases into it instead of taking it as is.
+    #[serde(default)]
+    pub lineage: u64,
 }
 
 impl Account {
@@ -74,6 +78,7 @@ impl Account {
             consecutive_429: self.consecutive_429,
             latency_ewma: self.latency_ewma,
             error_ewma: self.error_ewma,
+            lineage: 0,
         }
     }
 
@@ -129,7 +134,7 @@ impl Account {
     /// left, and remembers what it admits.
     pub fn share_with(&mut self, instances: u64) {
         let n = instances.max(1);
-        self.share = n;
+        self.share = Some(n);
         for w in &mut self.windows {
             w.set_share(n);
         }
@@ -142,12 +147,12 @@ impl Account {
 
     /// Whether this instance is keeping to a share (the shared ledger is out of reach).
     pub fn is_sharing(&self) -> bool {
-        self.share > 1 || !self.unshared_use.is_empty() || self.quota.has_share_cap()
+        self.share.is_some()
     }
 
     /// Remembers usage admitted while out of reach of the shared ledger (see [`Account::merge`]).
     pub(super) fn note_unshared(&mut self, model: &Arc<str>, used: Units, at: Millis) {
-        if self.share <= 1 && !self.quota.has_share_cap() {
+        if self.share.is_none() {
             return;
         }
         let used = Units { slots: 0, ..used };
@@ -175,11 +180,7 @@ impl Account {
         let mut merged = remote.clone();
         merged.leases.retain(|l| l.owner != self.owner);
         merged.leases.extend(mine);
-        self.share = 1;
-        for w in &mut self.windows {
-            w.set_share(1);
-        }
-        self.quota.set_share_cap(None);
+        self.stop_sharing();
         self.load_ledger(&merged, now);
         let mut events = Vec::new();
         for (model, units, at) in used {
@@ -194,8 +195,24 @@ impl Account {
 
     /// A ledger that was lost (Redis restarted empty) is seeded from what this instance knew of it
     /// `stale_ms` ago: the interval is charged like a crash gap (other instances may have admitted
-    /// meanwhile), so the seed is never below the truth.
-    pub fn seed_after_loss(&mut self, stale_ms: Millis, now: Millis) {
-        self.charge_gap(stale_ms, now);
+    /// meanwhile), so the seed is never below the truth. `None`: this instance never saw the
+    /// ledger (its state was restored from the database, charged there if need be): nothing more
+    /// to charge. The usage admitted on a share is in the counters already: it keeps to no share
+    /// from now on.
+    pub fn reseed(&mut self, stale_ms: Option<Millis>, now: Millis) {
+        if let Some(stale) = stale_ms {
+            self.charge_gap(stale, now);
+        }
+        self.unshared_use.clear();
+        self.stop_sharing();
+        self.touch();
+    }
+
+    fn stop_sharing(&mut self) {
+        self.share = None;
+        for w in &mut self.windows {
+            w.set_share(1);
+        }
+        self.quota.set_share_cap(None);
     }
 }

@@ -62,8 +62,9 @@ pub enum Denial {
     QuotaExceeded {
         reset_at: Millis,
     },
-    /// Held by a rate limit, a cooldown or the circuit breaker until `retry_at`; a lower bound
-    /// when in-flight work decides the real time.
+    /// Held by a rate limit, a cooldown or the circuit breaker until `retry_at`. `lower_bound`:
+    /// the time is not exact because in-flight work decides it (a request in flight may hold
+    /// its units longer, or leased units may come back unused sooner).
     RateLimited {
         limit: Arc<str>,
         retry_at: Millis,

@@ -130,6 +130,10 @@ pub struct LeaseReport {
     /// What the holder keeps from now on: the units of its requests still in flight and the free
     /// units it wants to go on admitting from. Everything else held comes back free.
     pub keep: Units,
+    /// The part of `keep` that its requests in flight hold: all the ledger keeps when the account
+    /// stopped admitting (a cooldown, an open circuit…).
+    #[serde(default)]
+    pub open: Units,
 }
 
 /// A lease as the ledger sees it after an exchange.
@@ -459,6 +463,7 @@ impl Shard {
             used: self.used,
             used_at: self.used_at,
             keep,
+            open: self.open,
         });
         if let Some(lease) = self.lease.as_mut() {
             lease.free = kept_free;
@@ -487,12 +492,13 @@ impl Shard {
         };
         match state {
             Some(state) => {
-                let added = state.held.saturating_sub(kept);
+                // The ledger may hold more than was kept (it granted more) or less (the account
+                // stopped admitting: only the requests in flight keep their units).
                 let free = self.lease.map_or(Units::ZERO, |l| l.free);
                 self.lease = Some(HeldLease {
                     id: state.id,
                     epoch,
-                    free: free.saturating_add(added),
+                    free: free.saturating_add(state.held).saturating_sub(kept),
                     deadline: state.deadline,
                 });
             }
@@ -565,6 +571,7 @@ impl Shard {
             used: self.used,
             used_at: self.used_at,
             keep: Units::ZERO,
+            open: Units::ZERO,
         });
         self.lease = None;
         self.used = Units::ZERO;

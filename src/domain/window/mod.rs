@@ -322,7 +322,9 @@ impl Window {
                     if freed >= excess {
                         return Block::Full {
                             retry_at: bucket.end,
-                            lower_bound: false,
+                            // Units in flight that come back unused (a lease given back, a
+                            // request released) free room sooner: the time is not exact.
+                            lower_bound: self.inflight > 0,
                         };
                     }
                 }
@@ -338,8 +340,9 @@ impl Window {
                 retry_at: self.period_end,
                 // Only committed units go at the reset; in-flight units still count in the next
                 // period, so the time is exact unless they alone leave no room for `need`
-                // (`inflight + need > limit`, i.e. `excess > committed`).
-                lower_bound: excess > self.committed,
+                // (`inflight + need > limit`, i.e. `excess > committed`), or units in flight
+                // may come back unused before it.
+                lower_bound: excess > self.committed || self.inflight > 0,
             },
         }
     }

@@ -121,8 +121,9 @@ fn a_fixed_window_resets_at_its_schedule_but_keeps_in_flight_units() {
         w.check(1, 200),
         Err(Block::Full {
             retry_at: day,
-            lower_bound: false
-        })
+            lower_bound: true
+        }),
+        "the request in flight may give its unit back sooner"
     );
     w.roll(day);
     assert_eq!(w.used(), 1, "the in-flight request overlaps the new period");
