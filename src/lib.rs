@@ -17,6 +17,7 @@
 //! - [`batch`]: per-thread batching of what requests leave behind (rows, metrics).
 
 pub mod actors;
+pub mod backoff;
 pub mod batch;
 pub mod cli;
 pub mod config;
