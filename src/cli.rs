@@ -14,7 +14,7 @@ use crate::domain::{Strategy, Tokenizer};
 use crate::manage::{self, NewAccount, NewProvider};
 use crate::secrets::{self, MasterKey, Secret, SecretsError};
 use crate::store::providers::{self, Source};
-use crate::store::{self, accounts, keys, settings, Store, StoreError};
+use crate::store::{self, accounts, keys, open_store, settings, StoreError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -217,24 +217,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     done.map(|()| ExitCode::SUCCESS)
 }
 
-/// Opens the configured database and applies pending migrations, so every command sees the
-/// current schema.
-pub fn open_store(config: &Config) -> Result<Store, StoreError> {
-    open_and_migrate(config).map(|(store, _)| store)
-}
-
-/// Opens the store, applies and logs pending migrations, and returns their names.
-fn open_and_migrate(config: &Config) -> Result<(Store, Vec<String>), StoreError> {
-    let (store, applied) =
-        Store::open_and_migrate(&config.database_backend(), config.database.pool_size)?;
-    for name in &applied {
-        log::info!(migration = name.as_str(), database = store.display_url(); "applied database migration");
-    }
-    Ok((store, applied))
-}
-
 fn migrate(config: &Config) -> Result<(), CliError> {
-    let (store, applied) = open_and_migrate(config)?;
+    let (store, applied) = store::open_and_log_migrations(config)?;
     if applied.is_empty() {
         println!("database {} is up to date", store.display_url());
     } else {

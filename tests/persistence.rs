@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use quotagate::actors::QuotaSystem;
-use quotagate::cli::open_store;
 use quotagate::config::Config;
 use quotagate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
 use quotagate::metrics::Metrics;
 use quotagate::secrets::MasterKey;
 use quotagate::server::{mark_clean, start_runtime, start_syncer};
+use quotagate::store::open_store;
 use quotagate::store::{settings, Store};
 use quotagate::sync::redis_link::account_key;
 use quotagate::sync::syncer::{Flush, Syncer};

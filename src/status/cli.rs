@@ -159,7 +159,7 @@ async fn frame(
 }
 
 fn offline(config: &Config) -> Result<Snapshot, CliError> {
-    let store = crate::cli::open_store(config)?;
+    let store = crate::store::open_store(config)?;
     super::offline::snapshot(config, &store).map_err(CliError::Failed)
 }
 
