@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
+use diesel::query_dsl::methods::ExecuteDsl;
 use diesel::r2d2::{self, ManageConnection, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness as _};
@@ -103,6 +104,19 @@ pub(crate) fn conflict_as(what: impl Into<String>) -> impl FnOnce(DieselError) -
             StoreError::Conflict(what.into())
         }
         other => StoreError::Query(other),
+    }
+}
+
+/// Runs `query` on the connection of `conn`'s backend. For statements both backends run but the
+/// one-type connection cannot build — diesel's `ON CONFLICT` clauses — so an upsert is one typed
+/// statement rather than an update followed by an insert.
+pub(crate) fn execute_native<Q>(conn: &mut DbConn, query: Q) -> Result<usize, DieselError>
+where
+    Q: ExecuteDsl<diesel::PgConnection> + ExecuteDsl<diesel::SqliteConnection>,
+{
+    match conn {
+        DbConn::Postgres(c) => ExecuteDsl::execute(query, c),
+        DbConn::Sqlite(c) => ExecuteDsl::execute(query, c),
     }
 }
 
