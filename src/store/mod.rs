@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
-use diesel::query_dsl::methods::ExecuteDsl;
+use diesel::query_dsl::methods::{ExecuteDsl, LoadQuery};
 use diesel::r2d2::{self, ManageConnection, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness as _};
@@ -117,6 +117,17 @@ where
     match conn {
         DbConn::Postgres(c) => ExecuteDsl::execute(query, c),
         DbConn::Sqlite(c) => ExecuteDsl::execute(query, c),
+    }
+}
+
+/// [`execute_native`] for a statement that returns a row (`… RETURNING`).
+pub(crate) fn get_result_native<'q, Q, T>(conn: &mut DbConn, query: Q) -> Result<T, DieselError>
+where
+    Q: LoadQuery<'q, diesel::PgConnection, T> + LoadQuery<'q, diesel::SqliteConnection, T>,
+{
+    match conn {
+        DbConn::Postgres(c) => query.get_result(c),
+        DbConn::Sqlite(c) => query.get_result(c),
     }
 }
 
