@@ -19,7 +19,7 @@ use quotagate::metrics::Metrics;
 use quotagate::secrets::{hash_token, MasterKey};
 use quotagate::store::audit;
 use quotagate::store::logs::NewRequestLog;
-use quotagate::store::{settings, stats, Store};
+use quotagate::store::{rollup, settings, Store};
 
 const ADMIN: &str = "qga_test-admin-token";
 const CONFIG_SECRET: &str = "sk-config-secret-9f8e7d6c";
@@ -1174,7 +1174,7 @@ async fn stats_answer_the_api_fields_by_id_or_name() {
             true,
         ),
     ];
-    stats::record_batch(&mut h.store().conn().unwrap(), &rows).unwrap();
+    rollup::record_batch(&mut h.store().conn().unwrap(), &rows).unwrap();
 
     // Usage: everyone (admin), one user (admin), own (client key).
     let all = get(&app, "/api/v1/stats/usage").await;

@@ -11,17 +11,20 @@ pub mod keys;
 pub mod limits;
 pub mod logs;
 pub mod providers;
+pub mod retention;
+pub mod rollup;
 pub mod schema;
 pub mod settings;
+mod sql;
 pub mod state;
 pub mod stats;
+mod upsert;
 
 use std::path::Path;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
-use diesel::query_dsl::methods::{ExecuteDsl, LoadQuery};
 use diesel::r2d2::{self, ManageConnection, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness as _};
@@ -104,30 +107,6 @@ pub(crate) fn conflict_as(what: impl Into<String>) -> impl FnOnce(DieselError) -
             StoreError::Conflict(what.into())
         }
         other => StoreError::Query(other),
-    }
-}
-
-/// Runs `query` on the connection of `conn`'s backend. For statements both backends run but the
-/// one-type connection cannot build — diesel's `ON CONFLICT` clauses — so an upsert is one typed
-/// statement rather than an update followed by an insert.
-pub(crate) fn execute_native<Q>(conn: &mut DbConn, query: Q) -> Result<usize, DieselError>
-where
-    Q: ExecuteDsl<diesel::PgConnection> + ExecuteDsl<diesel::SqliteConnection>,
-{
-    match conn {
-        DbConn::Postgres(c) => ExecuteDsl::execute(query, c),
-        DbConn::Sqlite(c) => ExecuteDsl::execute(query, c),
-    }
-}
-
-/// [`execute_native`] for a statement that returns a row (`… RETURNING`).
-pub(crate) fn get_result_native<'q, Q, T>(conn: &mut DbConn, query: Q) -> Result<T, DieselError>
-where
-    Q: LoadQuery<'q, diesel::PgConnection, T> + LoadQuery<'q, diesel::SqliteConnection, T>,
-{
-    match conn {
-        DbConn::Postgres(c) => query.get_result(c),
-        DbConn::Sqlite(c) => query.get_result(c),
     }
 }
 

@@ -153,7 +153,7 @@ pub fn upsert_model(
             models::price_output.eq(excluded(models::price_output)),
         ))
         .returning(models::all_columns);
-    let row = super::get_result_native(conn, upsert)?;
+    let row = super::sql::get_result_native(conn, upsert)?;
     super::settings::bump_catalog(conn)?;
     Ok(row)
 }

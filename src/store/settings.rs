@@ -44,7 +44,7 @@ pub fn put(conn: &mut DbConn, key: &str, value: &str) -> Result<(), StoreError> 
         .on_conflict(settings::key)
         .do_update()
         .set((settings::value.eq(value), settings::updated_at.eq(now)));
-    super::execute_native(conn, upsert)?;
+    super::sql::execute_native(conn, upsert)?;
     Ok(())
 }
 

@@ -38,7 +38,7 @@ pub fn put(conn: &mut DbConn, rows: &[AccountStateRow]) -> Result<usize, StoreEr
                     updated_at.eq(excluded(updated_at)),
                 ))
                 .filter(version.lt(excluded(version)));
-            written += super::execute_native(conn, upsert)?;
+            written += super::sql::execute_native(conn, upsert)?;
         }
         Ok(written)
     })
