@@ -27,6 +27,7 @@ pub mod http;
 pub mod jobs;
 pub mod logging;
 pub mod manage;
+pub mod mark;
 pub mod metrics;
 pub mod provision;
 pub mod secrets;

@@ -26,12 +26,12 @@ use crate::http::upstream::UpstreamSettings;
 use crate::http::{self, AppState};
 use crate::jobs::Scheduler;
 use crate::manage;
+use crate::mark::{self, AdmissionGate};
 use crate::metrics::Metrics;
 use crate::provision;
 use crate::secrets::{self, KeyOrigin, MasterKey};
 use crate::store::open_store;
 use crate::store::{accounts, keys, settings, Store, StoreError};
-use crate::sync::mark::{self, AdmissionGate};
 use crate::sync::restore;
 use crate::sync::syncer::{Flush, SyncSettings, Syncer};
 

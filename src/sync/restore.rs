@@ -23,8 +23,8 @@ use std::time::Duration;
 use crate::actors::supervisor::Restored;
 use crate::domain::account::AccountState;
 use crate::domain::time::{duration_ms, Millis};
+use crate::mark::Mark;
 use crate::store::{accounts, settings, state, Store};
-use crate::sync::mark::Mark;
 
 use super::redis_link::{account_key, classify, HEARTBEAT_KEY};
 

@@ -2,6 +2,9 @@
 //!
 //! Exit status: 0 on success, 2 for a bad config file or bad arguments, 1 for any other failure.
 //! Secrets a command creates (keys, tokens) go to stdout once, never through the logger.
+//! `quotagate status`, which draws the status snapshot in a terminal, is in `status`.
+
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,7 +60,7 @@ pub enum Command {
     AdminToken(AdminTokenCommand),
     /// Show every pool and account (state, quota, rate windows, cooldowns), from a running
     /// gateway (admin token in QUOTAGATE_ADMIN_TOKEN) or from the database.
-    Status(crate::status::cli::StatusArgs),
+    Status(status::StatusArgs),
     /// Copy the embedded database to FILE while the server runs.
     Backup {
         #[arg(long, value_name = "FILE")]
@@ -210,7 +213,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Key(cmd) => key(&config, cmd),
         Command::AdminToken(AdminTokenCommand::Rotate) => rotate_admin_token(&config),
         Command::Backup { to } => backup(&config, &to),
-        Command::Status(args) => crate::status::cli::run(&config, &args),
+        Command::Status(args) => status::run(&config, &args),
     };
     // Log lines are written by a thread of their own: let it finish before the process ends.
     crate::logging::flush(std::time::Duration::from_secs(2));
