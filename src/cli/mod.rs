@@ -418,7 +418,7 @@ fn key(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
             print_table(&table);
         }
         KeyCommand::Revoke { key } => {
-            let revoked = keys::revoke(&mut conn, &key)?;
+            let revoked = manage::revoke_key(&mut conn, &key)?;
             println!("revoked key {} ({})", revoked.name, revoked.id);
         }
     }

@@ -229,6 +229,21 @@ pub fn update_account(
     })
 }
 
+/// Records quota resets the runtime made: one `reset` audit row per account, saying why (the
+/// runtime holds the counters; the store keeps the trail).
+pub fn record_resets(
+    conn: &mut DbConn,
+    account_ids: &[impl AsRef<str>],
+    actor: &str,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let rows: Vec<NewAudit> = account_ids
+        .iter()
+        .map(|id| NewAudit::new(id.as_ref(), actor, "reset", reason))
+        .collect();
+    audit::insert(conn, &rows)
+}
+
 /// Deletes an account (by id, `provider/name` or unique name); its audit trail and request
 /// history are kept.
 pub fn delete_account(

@@ -3,7 +3,7 @@
 
 use super::validate_name;
 use crate::secrets::{self, Secret};
-use crate::store::keys::{self, KeyWithUser};
+use crate::store::keys::{self, ClientKeyRow, KeyWithUser};
 use crate::store::{DbConn, StoreError};
 
 /// Prefix of client keys, so that they are recognisable in configs and leak scanners.
@@ -34,4 +34,9 @@ pub fn create_key(
         &prefix,
     )?;
     Ok((created, token))
+}
+
+/// Revokes a client key (by id or name); revoking twice is not an error.
+pub fn revoke_key(conn: &mut DbConn, reference: &str) -> Result<ClientKeyRow, StoreError> {
+    keys::revoke(conn, reference)
 }

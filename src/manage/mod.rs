@@ -5,8 +5,9 @@
 //!
 //! - `providers`: a provider from its declaration in the config file's shape: create, update,
 //!   declare (the file), deactivate, delete, replace its limits;
-//! - `accounts`: create (sealing the key), change, disable, delete, declare (the file);
-//! - `keys`: client keys, stored hashed;
+//! - `accounts`: create (sealing the key), change, disable, delete, declare (the file), and the
+//!   audit trail of the runtime's quota resets;
+//! - `keys`: client keys, stored hashed: create, revoke;
 //! - `limits`: limits between the domain's specs and the config file's shape.
 //!
 //! Names: what people create through the command line or the admin API must work in URLs and in
@@ -21,10 +22,10 @@ mod providers;
 
 pub use accounts::{
     account_overrides, add_account, create_account, deactivate_config_accounts, declare_account,
-    delete_account, disable_account, open_credentials, update_account, AccountChanges, NewAccount,
-    REMOVED_FROM_CONFIG,
+    delete_account, disable_account, open_credentials, record_resets, update_account,
+    AccountChanges, NewAccount, REMOVED_FROM_CONFIG,
 };
-pub use keys::{create_key, ADMIN_TOKEN_PREFIX, CLIENT_KEY_PREFIX};
+pub use keys::{create_key, revoke_key, ADMIN_TOKEN_PREFIX, CLIENT_KEY_PREFIX};
 pub use limits::limits_config;
 pub use providers::{
     add_provider, create_provider, deactivate_provider, declare_provider, delete_provider,

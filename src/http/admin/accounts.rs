@@ -16,7 +16,7 @@ use crate::http::{blocking, AppState};
 use crate::manage::{self, AccountChanges, NewAccount};
 use crate::store::accounts::AccountWithProvider;
 use crate::store::providers::{self, Source};
-use crate::store::{self, StoreError};
+use crate::store::{self, DbConn, StoreError};
 
 #[utoipa::path(
     tag = "admin",
@@ -41,10 +41,7 @@ pub(super) async fn list_accounts(
         };
         store::accounts::list(conn, provider.as_deref())?
             .into_iter()
-            .map(|a| {
-                let overrides = manage::account_overrides(conn, &a.account)?;
-                Ok((a, overrides))
-            })
+            .map(|a| with_overrides(conn, a))
             .collect::<Result<Vec<_>, StoreError>>()
     })
     .await?;
@@ -103,8 +100,7 @@ pub(super) async fn create_account(
     let key = state.master_key.clone();
     let (created, overrides) = write_catalog(&state, move |conn| {
         let created = manage::create_account(conn, &key, &new, &overrides, Source::Api, ACTOR)?;
-        let overrides = manage::account_overrides(conn, &created.account)?;
-        Ok((created, overrides))
+        with_overrides(conn, created)
     })
     .await?;
     log::info!(
@@ -134,8 +130,7 @@ pub(super) async fn get_account(
     let id = id.into_inner();
     let (found, overrides) = blocking(&state.store, move |conn| {
         let found = store::accounts::find(conn, &id)?;
-        let overrides = manage::account_overrides(conn, &found.account)?;
-        Ok((found, overrides))
+        with_overrides(conn, found)
     })
     .await?;
     Ok(HttpResponse::Ok().json(account_view(&state, found, overrides).await))
@@ -202,8 +197,7 @@ pub(super) async fn patch_account(
     let key = state.master_key.clone();
     let (updated, overrides) = write_catalog(&state, move |conn| {
         let updated = manage::update_account(conn, &key, &id, &changes, ACTOR)?;
-        let overrides = manage::account_overrides(conn, &updated.account)?;
-        Ok((updated, overrides))
+        with_overrides(conn, updated)
     })
     .await?;
     log::info!(
@@ -236,6 +230,15 @@ pub(super) async fn delete_account(
         "account deleted through the admin API"
     );
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// An account with its own overrides of its provider's limits, which its view shows.
+fn with_overrides(
+    conn: &mut DbConn,
+    found: AccountWithProvider,
+) -> Result<(AccountWithProvider, RateLimitsConfig), StoreError> {
+    let overrides = manage::account_overrides(conn, &found.account)?;
+    Ok((found, overrides))
 }
 
 /// An account as the API shows it, with its live status when the runtime serves it.

@@ -89,7 +89,7 @@ pub(super) async fn revoke_key(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let revoked = blocking(&state.store, move |conn| keys::revoke(conn, &id)).await?;
+    let revoked = blocking(&state.store, move |conn| manage::revoke_key(conn, &id)).await?;
     state.credentials.remove_key(&revoked.id);
     log::info!(event = "key_revoked", key_id = revoked.id.as_str(); "client key revoked through the admin API");
     Ok(HttpResponse::NoContent().finish())

@@ -11,7 +11,7 @@ use crate::http::auth::Admin;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::stats::dto::QuotaView;
 use crate::http::{blocking, AppState};
-use crate::store;
+use crate::manage;
 
 #[utoipa::path(
     tag = "admin",
@@ -39,11 +39,7 @@ pub(super) async fn reset_provider(
     let count = state.runtime.reset_provider(&provider.spec.id).await?;
     let reason = format!("provider `{}` reset", provider.spec.name);
     blocking(&state.store, move |conn| {
-        let rows: Vec<_> = accounts
-            .iter()
-            .map(|id| store::audit::NewAudit::new(id, ACTOR, "reset", reason.clone()))
-            .collect();
-        store::audit::insert(conn, &rows)
+        manage::record_resets(conn, &accounts, ACTOR, &reason)
     })
     .await?;
     log::info!(event = "provider_reset", provider = &*provider.spec.name, accounts = count; "provider quota reset through the admin API");
@@ -70,19 +66,9 @@ pub(super) async fn reset_account(
 ) -> Result<HttpResponse, ApiError> {
     let account_id = state.runtime.registry().account(&id)?.id.clone();
     let status = state.runtime.reset_account(&account_id).await?;
-    blocking(&state.store, {
-        let account_id = account_id.clone();
-        move |conn| {
-            store::audit::insert(
-                conn,
-                &[store::audit::NewAudit::new(
-                    &account_id,
-                    ACTOR,
-                    "reset",
-                    "quota reset",
-                )],
-            )
-        }
+    let accounts = [account_id.clone()];
+    blocking(&state.store, move |conn| {
+        manage::record_resets(conn, &accounts, ACTOR, "quota reset")
     })
     .await?;
     log::info!(event = "account_reset", account_id = &*account_id; "account quota reset through the admin API");
