@@ -105,7 +105,7 @@ impl<'de> Deserialize<'de> for Arbiters {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// As written (after `${VAR}` expansion); see [`Config::database_backend`] for its meaning.
+    /// As written (after `${VAR}` expansion); see [`super::Config::database_backend`] for its meaning.
     #[serde(serialize_with = "codec::redacted_url")]
     pub url: Secret,
     pub pool_size: u32,

@@ -21,7 +21,7 @@ pub fn query<T: DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
         })
 }
 
-/// Reads the body as JSON (at most [`BODY_LIMIT`] bytes); malformed JSON is a 400 envelope.
+/// Reads the body as JSON (at most `BODY_LIMIT`, 1 MiB); malformed JSON is a 400 envelope.
 pub async fn read_json(payload: web::Payload) -> Result<Value, ApiError> {
     let bytes = payload
         .to_bytes_limited(BODY_LIMIT)

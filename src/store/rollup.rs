@@ -6,7 +6,7 @@
 //! - `usage_daily`: per day, provider, user and model;
 //! - `usage_daily_users`: who used a provider on a day.
 //!
-//! A batch's sums go in with `INSERT … ON CONFLICT … DO UPDATE` (see [`super::upsert`]), a day's
+//! A batch's sums go in with `INSERT … ON CONFLICT … DO UPDATE` (see `super::upsert`), a day's
 //! re-aggregation with `INSERT … SELECT` from the log. Times are UTC.
 
 use std::collections::{BTreeMap, BTreeSet};

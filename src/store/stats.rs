@@ -15,7 +15,7 @@
 //! long-term history, so a range older than the retention still has its whole days (its partial
 //! edge days, read from the deleted log, count nothing).
 //!
-//! The SQL is portable (placeholders are written `?`, see [`super::sql`]). Times are UTC.
+//! The SQL is portable (placeholders are written `?`, see `super::sql`). Times are UTC.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
