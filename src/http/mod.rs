@@ -128,8 +128,8 @@ async fn request_id(
     Ok(response)
 }
 
-/// A random (v4) uuid from a per-thread generator: request ids need to be unique, not secret, and
-/// a system call for each would cost more than the rest of the id.
+/// A random (v4) uuid from a per-thread generator (the selection's xorshift64*): request ids need
+/// to be unique, not secret, and a system call for each would cost more than the rest of the id.
 fn new_request_id() -> String {
     use std::cell::Cell;
     thread_local! {
@@ -140,13 +140,10 @@ fn new_request_id() -> String {
     }
     let next = || {
         STATE.with(|s| {
-            // xorshift64*
-            let mut x = s.get();
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            s.set(x);
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+            let mut state = s.get();
+            let value = crate::domain::selection::next_random(&mut state);
+            s.set(state);
+            value
         })
     };
     let bytes = (u128::from(next()) << 64 | u128::from(next())).to_le_bytes();
