@@ -16,7 +16,8 @@ use crate::config::{JobsConfig, TrackingConfig};
 use crate::domain::schedule::Schedule;
 use crate::domain::time::{to_datetime, Millis};
 use crate::metrics::Metrics;
-use crate::store::stats::{self, Cleanup};
+use crate::store::retention::{self, Cleanup};
+use crate::store::rollup;
 use crate::store::{Store, StoreError};
 
 /// Rows per retention `DELETE`: small enough that each statement holds its locks briefly, large
@@ -39,7 +40,7 @@ pub fn run_cleanup(
         .unwrap_or(NaiveDateTime::MIN);
     let result = store
         .conn()
-        .and_then(|mut conn| stats::cleanup(&mut conn, cutoff, CLEANUP_BATCH));
+        .and_then(|mut conn| retention::cleanup(&mut conn, cutoff, CLEANUP_BATCH));
     let duration_ms = started.elapsed().as_millis() as u64;
     match &result {
         Ok(deleted) => log::info!(
@@ -61,7 +62,7 @@ pub fn run_aggregation(store: &Store, day: NaiveDate) -> Result<u64, StoreError>
     let started = Instant::now();
     let result = store
         .conn()
-        .and_then(|mut conn| stats::aggregate_day(&mut conn, day));
+        .and_then(|mut conn| rollup::aggregate_day(&mut conn, day));
     let duration_ms = started.elapsed().as_millis() as u64;
     match &result {
         Ok(rows) => log::info!(

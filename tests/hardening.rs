@@ -61,7 +61,7 @@ impl Harness {
         );
         let config = Config::from_yaml(&yaml, &dir.path().join("config.yaml"), &BTreeMap::new())
             .expect("test config");
-        let store = quotagate::cli::open_store(&config).unwrap();
+        let store = quotagate::store::open_store(&config).unwrap();
         let key = MasterKey::generate();
         quotagate::provision::apply(&mut store.conn().unwrap(), &key, &config.providers).unwrap();
         let metrics = Metrics::new();

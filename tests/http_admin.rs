@@ -19,7 +19,7 @@ use quotagate::metrics::Metrics;
 use quotagate::secrets::{hash_token, MasterKey};
 use quotagate::store::audit;
 use quotagate::store::logs::NewRequestLog;
-use quotagate::store::{settings, stats, Store};
+use quotagate::store::{rollup, settings, Store};
 
 const ADMIN: &str = "qga_test-admin-token";
 const CONFIG_SECRET: &str = "sk-config-secret-9f8e7d6c";
@@ -48,7 +48,7 @@ impl Harness {
         );
         let config = Config::from_yaml(&yaml, &dir.path().join("config.yaml"), &BTreeMap::new())
             .expect("test config");
-        let store = quotagate::cli::open_store(&config).unwrap();
+        let store = quotagate::store::open_store(&config).unwrap();
         let key = MasterKey::generate();
         quotagate::provision::apply(&mut store.conn().unwrap(), &key, &config.providers).unwrap();
         let metrics = Metrics::new();
@@ -1174,7 +1174,7 @@ async fn stats_answer_the_api_fields_by_id_or_name() {
             true,
         ),
     ];
-    stats::record_batch(&mut h.store().conn().unwrap(), &rows).unwrap();
+    rollup::record_batch(&mut h.store().conn().unwrap(), &rows).unwrap();
 
     // Usage: everyone (admin), one user (admin), own (client key).
     let all = get(&app, "/api/v1/stats/usage").await;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use quotagate::actors::QuotaSystem;
-use quotagate::cli::open_store;
 use quotagate::config::Config;
 use quotagate::domain::account::{Feedback, RateHeaders, UpstreamOutcome, Usage};
 use quotagate::ledger::ledger_key;
 use quotagate::metrics::Metrics;
 use quotagate::secrets::MasterKey;
 use quotagate::server::{mark_clean, start_node};
+use quotagate::store::open_store;
 use quotagate::store::{settings, Store};
 use quotagate::sync::syncer::{Flush, Syncer};
 

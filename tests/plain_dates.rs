@@ -8,7 +8,7 @@ use chrono::NaiveDateTime;
 use common::status::{StatusFixture, PROVIDER};
 use quotagate::config::{Config, DatabaseBackend};
 use quotagate::store::logs::NewRequestLog;
-use quotagate::store::{stats, Store};
+use quotagate::store::{rollup, Store};
 
 fn at(text: &str) -> NaiveDateTime {
     NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").unwrap()
@@ -48,7 +48,7 @@ async fn the_seeds_usage_url_with_plain_dates_counts_whole_utc_days() {
         .unwrap()
         .0;
     let pid = f.provider_id.clone();
-    stats::record_batch(
+    rollup::record_batch(
         &mut store.conn().unwrap(),
         &[
             row("2023-12-31 23:59:59.999999", &pid, true),

@@ -99,7 +99,7 @@ async fn the_status_command_shows_every_account_and_its_state_from_a_running_gat
 }
 
 fn thousands(n: u64) -> String {
-    quotagate::http::status_html::thousands(n)
+    quotagate::status::thousands(n)
 }
 
 #[actix_rt::test]

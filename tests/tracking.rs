@@ -21,10 +21,12 @@ use quotagate::domain::account::AccountEvent;
 use quotagate::jobs::{self, Scheduler};
 use quotagate::metrics::Metrics;
 use quotagate::secrets::Secret;
-use quotagate::store::audit::{self, NewAudit};
+use quotagate::store::audit::{self, NewAudit, RUNTIME_ACTOR};
 use quotagate::store::logs::{self, NewRequestLog};
+use quotagate::store::retention::{self, Cleanup};
+use quotagate::store::rollup;
 use quotagate::store::schema::{provider_stats, usage_daily, usage_daily_users};
-use quotagate::store::stats::{self, Cleanup, ModelUsage, RUNTIME_ACTOR};
+use quotagate::store::stats::{self, ModelUsage};
 use quotagate::store::{DbConn, Store};
 
 /// A migrated store and whatever keeps it alive (the SQLite temp dir).
@@ -174,8 +176,8 @@ fn record_known_rows(conn: &mut DbConn) -> Vec<NewRequestLog> {
     });
     let a: Vec<_> = a.into_iter().map(|(_, r)| r).collect();
     let b: Vec<_> = b.into_iter().map(|(_, r)| r).collect();
-    stats::record_batch(conn, &a).unwrap();
-    stats::record_batch(conn, &b).unwrap();
+    rollup::record_batch(conn, &a).unwrap();
+    rollup::record_batch(conn, &b).unwrap();
     rows
 }
 
@@ -673,7 +675,7 @@ fn record_batch_keeps_the_rollups_aggregate_day_recomputes(db: TestDb) {
         )
         .len();
         assert_eq!(
-            stats::aggregate_day(&mut conn, day(d)).unwrap(),
+            rollup::aggregate_day(&mut conn, day(d)).unwrap(),
             expected as u64
         );
     }
@@ -684,11 +686,11 @@ fn record_batch_keeps_the_rollups_aggregate_day_recomputes(db: TestDb) {
     );
     // Idempotent, and a day without rows stays without rollup rows.
     assert_eq!(
-        stats::aggregate_day(&mut conn, day("2026-11-02")).unwrap(),
+        rollup::aggregate_day(&mut conn, day("2026-11-02")).unwrap(),
         3
     );
     assert_eq!(
-        stats::aggregate_day(&mut conn, day("2026-11-09")).unwrap(),
+        rollup::aggregate_day(&mut conn, day("2026-11-09")).unwrap(),
         0
     );
     assert_eq!(rollups(&mut conn), incremental);
@@ -759,7 +761,7 @@ fn retention_deletes_exactly_the_rows_older_than_the_cutoff(db: TestDb) {
             ..log_row(100 + i as usize, &default_spec())
         });
     }
-    stats::record_batch(&mut conn, &rows).unwrap();
+    rollup::record_batch(&mut conn, &rows).unwrap();
     audit::insert(
         &mut conn,
         &[
@@ -772,7 +774,7 @@ fn retention_deletes_exactly_the_rows_older_than_the_cutoff(db: TestDb) {
     let rollups_before = rollups(&mut conn);
 
     // Batches of 5: 5 + 5 + 2.
-    let deleted = stats::cleanup(&mut conn, cutoff, 5).unwrap();
+    let deleted = retention::cleanup(&mut conn, cutoff, 5).unwrap();
     assert_eq!(
         deleted,
         Cleanup {
@@ -805,10 +807,11 @@ fn retention_deletes_exactly_the_rows_older_than_the_cutoff(db: TestDb) {
     assert_eq!(rollups(&mut conn), rollups_before);
     // Nothing left to delete; an exact multiple of the batch ends too.
     assert_eq!(
-        stats::cleanup(&mut conn, cutoff, 5).unwrap(),
+        retention::cleanup(&mut conn, cutoff, 5).unwrap(),
         Cleanup::default()
     );
-    let deleted = stats::cleanup(&mut conn, cutoff + chrono::Duration::minutes(41 * 4), 2).unwrap();
+    let deleted =
+        retention::cleanup(&mut conn, cutoff + chrono::Duration::minutes(41 * 4), 2).unwrap();
     assert_eq!(deleted.request_logs, 4);
 }
 
@@ -841,7 +844,7 @@ fn the_cleanup_job_applies_the_retention_days(db: TestDb) {
         ..log_row(i, &default_spec())
     })
     .collect();
-    stats::record_batch(&mut conn, &rows).unwrap();
+    rollup::record_batch(&mut conn, &rows).unwrap();
     let deleted = jobs::run_cleanup(&db.store, now, 90).unwrap();
     assert_eq!(deleted.request_logs, 1);
     assert_eq!(logs::count(&mut conn).unwrap(), 2);

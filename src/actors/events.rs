@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde::Serialize;
 
+use crate::backoff::Backoff;
 use crate::domain::account::AccountEvent;
 use crate::domain::time::{to_datetime, Millis};
 use crate::metrics::Metrics;
@@ -225,7 +226,7 @@ impl Handler<Notify> for Notifier {
         let metrics = self.metrics.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let mut backoff = first_backoff;
+                let mut backoff = Backoff::new(first_backoff, Duration::from_secs(30));
                 for attempt in 0..=retries {
                     match client.post(&url).send_json(&body).await {
                         Ok(resp) if resp.status().is_success() => return,
@@ -239,8 +240,7 @@ impl Handler<Notify> for Notifier {
                         ),
                     }
                     if attempt < retries {
-                        actix_rt::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        actix_rt::time::sleep(backoff.next_delay()).await;
                     }
                 }
                 metrics.notifications_failed_total.inc();

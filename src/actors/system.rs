@@ -27,8 +27,8 @@ use super::supervisor::{
 use crate::domain::account::{AccountEvent, AccountState, Denial, QuotaStatus, WindowStats};
 use crate::domain::refusal::Verdict;
 use crate::domain::time::SharedClock;
+use crate::mark::AdmissionGate;
 use crate::metrics::Metrics;
-use crate::sync::mark::AdmissionGate;
 
 /// How the runtime is built.
 #[derive(Clone)]

@@ -27,6 +27,7 @@ use diesel::result::Error as DieselError;
 use tokio::sync::oneshot;
 
 use super::events::{Event, EventSink};
+use crate::backoff::Backoff;
 use crate::batch::PerThread;
 use crate::config::TrackingConfig;
 use crate::domain::account::AccountEvent;
@@ -40,9 +41,8 @@ use crate::store::{Store, StoreError};
 /// The most messages that may wait in the mailbox (never more than `tracking.buffer`): the actor
 /// drains it at memory speed, so it only absorbs bursts; the buffer is the real queue.
 const MAX_MAILBOX: usize = 16_384;
-/// First wait before retrying a failed write; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Waits before retrying a failed write: from 100 ms, doubling up to 5 s.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// Request-log rows a worker thread gathers before handing them over, and how long at most.
 const ROWS_BATCH: usize = 256;
 const ROWS_EVERY: Duration = Duration::from_millis(50);
@@ -211,7 +211,7 @@ struct WriteReport {
 struct Failing {
     since: Instant,
     attempts: u32,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 /// The actor behind [`TrackerHandle`]: owns the rows not yet written (see the module docs).
@@ -365,12 +365,11 @@ impl Tracker {
                     Failing {
                         since: Instant::now(),
                         attempts: 0,
-                        backoff: FIRST_BACKOFF,
+                        backoff: BACKOFF,
                     }
                 });
                 failing.attempts += 1;
-                let wait = failing.backoff;
-                failing.backoff = (failing.backoff * 2).min(MAX_BACKOFF);
+                let wait = failing.backoff.next_delay();
                 self.backing_off = true;
                 ctx.run_later(wait, |act, ctx| {
                     act.backing_off = false;

@@ -117,16 +117,8 @@ impl Credentials {
 
     /// Whether `token` is the admin token (compared in constant time).
     pub fn is_admin(&self, token: &str) -> bool {
-        let stored = match &self.configured_admin {
-            Some(hash) => Some(hash.clone()),
-            None => self
-                .inner
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .admin_hash
-                .clone(),
-        };
-        stored.is_some_and(|hash| secrets::token_matches(token, &hash))
+        self.admin_fingerprint()
+            .is_some_and(|hash| secrets::token_matches(token, &hash))
     }
 }
 
@@ -158,9 +150,17 @@ pub fn bearer(req: &HttpRequest) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
-    req.app_data::<web::Data<AppState>>()
-        .ok_or_else(|| ApiError::Internal("application state missing".into()))
+/// The bearer token of a request and the credentials to check it against; without a token, the
+/// request is refused with `missing`, which says what to send.
+fn presented<'r>(
+    req: &'r HttpRequest,
+    missing: &str,
+) -> Result<(&'r str, &'r Credentials), ApiError> {
+    let token = bearer(req).ok_or_else(|| ApiError::InvalidApiKey(missing.to_string()))?;
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::Internal("application state missing".into()))?;
+    Ok((token, &state.credentials))
 }
 
 /// A request authenticated with a client key.
@@ -173,13 +173,9 @@ impl FromRequest for ClientKey {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready((|| {
-            let token = bearer(req).ok_or_else(|| {
-                ApiError::InvalidApiKey(
-                    "missing API key: send `Authorization: Bearer <key>`".into(),
-                )
-            })?;
-            state(req)?
-                .credentials
+            let (token, credentials) =
+                presented(req, "missing API key: send `Authorization: Bearer <key>`")?;
+            credentials
                 .client(token)
                 .map(ClientKey)
                 .ok_or_else(|| ApiError::InvalidApiKey("unknown or revoked API key".into()))
@@ -197,12 +193,10 @@ impl FromRequest for Admin {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready((|| {
-            let token = bearer(req).ok_or_else(|| {
-                ApiError::InvalidApiKey(
-                    "missing admin token: send `Authorization: Bearer <token>`".into(),
-                )
-            })?;
-            let credentials = &state(req)?.credentials;
+            let (token, credentials) = presented(
+                req,
+                "missing admin token: send `Authorization: Bearer <token>`",
+            )?;
             if throttled(req, credentials, || credentials.is_admin(token))? {
                 Ok(Admin)
             } else {
@@ -225,12 +219,8 @@ impl FromRequest for Reader {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready((|| {
-            let token = bearer(req).ok_or_else(|| {
-                ApiError::InvalidApiKey(
-                    "missing token: send `Authorization: Bearer <token>`".into(),
-                )
-            })?;
-            let credentials = &state(req)?.credentials;
+            let (token, credentials) =
+                presented(req, "missing token: send `Authorization: Bearer <token>`")?;
             let mut reader = None;
             throttled(req, credentials, || {
                 reader = if credentials.is_admin(token) {

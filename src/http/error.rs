@@ -12,6 +12,7 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use crate::actors::registry::Lookup;
 use crate::actors::system::QueryError;
@@ -235,6 +236,36 @@ impl ResponseError for ApiError {
         }
         response.json(self.body())
     }
+}
+
+/// The error envelope of every error answer (OpenAI's shape, with the seed's codes): `message`,
+/// `type`, `param` and `code` always, the code's extra fields where API.md lists them.
+#[allow(dead_code)] // documents `ApiError::body` in the OpenAPI document
+#[derive(ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ErrorDetail {
+    message: String,
+    /// OpenAI's error type (`invalid_request_error`, `rate_limit_error`, …).
+    #[schema(rename = "type")]
+    kind: String,
+    /// `invalid_request`, `invalid_api_key`, `model_not_found`, `rate_limit_exceeded`,
+    /// `quota_exceeded`, `no_account_available`, `upstream_error`, `upstream_timeout`,
+    /// `not_found`, `conflict`, `forbidden`, …
+    code: String,
+    /// The field at fault (400); always present, `null` when no field is at fault.
+    #[schema(required = true)]
+    param: Option<String>,
+    /// Seconds (429 `rate_limit_exceeded`).
+    retry_after: Option<f64>,
+    /// When the quota resets, RFC 3339 (429 `quota_exceeded`).
+    reset_at: Option<String>,
+    /// The upstream's status (502).
+    upstream_status: Option<u16>,
 }
 
 impl From<StoreError> for ApiError {

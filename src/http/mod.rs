@@ -8,8 +8,10 @@ pub mod attempt;
 pub mod auth;
 pub mod dates;
 pub mod error;
+pub mod extract;
 pub mod openai;
 pub mod openapi;
+pub mod operations;
 pub mod proxy;
 pub mod session;
 pub mod sse;
@@ -22,12 +24,13 @@ pub mod usage;
 
 use std::time::Duration;
 
-use actix_web::{get, web, HttpResponse};
-use serde::Serialize;
+use actix_web::{web, HttpResponse};
+use utoipa::OpenApi;
 
 use crate::actors::QuotaSystem;
-use crate::store::Store;
+use crate::store::{DbConn, Store, StoreError};
 use crate::sync::syncer::Syncer;
+use openapi::BearerTokens;
 
 /// What handlers share. Cloned into every worker.
 #[derive(Clone)]
@@ -51,12 +54,6 @@ pub struct AppState {
     /// Writes request-log rows and audit rows in batches.
     pub tracker: crate::actors::tracker::TrackerHandle,
 }
-
-/// A scrape reuses forecast metrics up to this old (a status snapshot sets them too).
-const METRICS_FRESHNESS: Duration = Duration::from_secs(10);
-
-/// How long a readiness probe waits for each dependency.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -133,8 +130,8 @@ async fn request_id(
     Ok(response)
 }
 
-/// A random (v4) uuid from a per-thread generator: request ids need to be unique, not secret, and
-/// a system call for each would cost more than the rest of the id.
+/// A random (v4) uuid from a per-thread generator (the selection's xorshift64*): request ids need
+/// to be unique, not secret, and a system call for each would cost more than the rest of the id.
 fn new_request_id() -> String {
     use std::cell::Cell;
     thread_local! {
@@ -145,13 +142,10 @@ fn new_request_id() -> String {
     }
     let next = || {
         STATE.with(|s| {
-            // xorshift64*
-            let mut x = s.get();
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            s.set(x);
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+            let mut state = s.get();
+            let value = crate::domain::selection::next_random(&mut state);
+            s.set(state);
+            value
         })
     };
     let bytes = (u128::from(next()) << 64 | u128::from(next())).to_le_bytes();
@@ -166,108 +160,85 @@ fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(proxy::chat_completions)
         .service(proxy::embeddings)
         .service(proxy::models)
-        .service(healthz)
-        .service(readyz)
-        .service(metrics);
+        .service(operations::healthz)
+        .service(operations::readyz)
+        .service(operations::metrics);
     admin::configure(cfg);
     stats::configure(cfg);
     status_page::configure(cfg);
     openapi::configure(cfg);
 }
 
-/// Prometheus text.
-#[utoipa::path(
-    tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
-)]
-#[get("/metrics")]
-async fn metrics(
-    state: web::Data<AppState>,
-    page: Option<web::Data<status_page::StatusPage>>,
-) -> HttpResponse {
-    // The forecast gauges are computed, not counted: bring them up to date for this scrape.
-    if let Some(page) = page {
-        page.board.refresh_metrics(METRICS_FRESHNESS).await;
-    }
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.runtime.events().metrics().render())
+/// Runs a store function off the async threads; its error becomes the answer's.
+pub(crate) async fn blocking<T, F>(store: &Store, f: F) -> Result<T, error::ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut DbConn) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = store.clone();
+    web::block(move || {
+        let mut conn = store.conn()?;
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| error::ApiError::Internal(format!("blocking task failed: {e}")))?
+    .map_err(error::ApiError::from)
 }
 
-/// Alive: the process answers.
-#[utoipa::path(
-    tag = "operations",
-    responses((status = 200, description = "The process answers", body = openapi::operations::Health))
-)]
-#[get("/healthz")]
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
-}
-
-#[derive(Debug, Serialize)]
-struct Readiness {
-    ready: bool,
-    /// `ok` or `unhealthy`.
-    database: &'static str,
-    /// `ok`, `unhealthy` or `disabled`.
-    redis: &'static str,
-    /// Where account limits are kept: `local` (no Redis), `shared` (one ledger per account in
-    /// Redis, for every instance), or `degraded` (Redis out of reach: this instance serves within
-    /// its share of what was left).
-    ledger: &'static str,
-    /// Pools and accounts loaded in the actor runtime.
-    pools: usize,
-    accounts: usize,
-}
-
-/// Ready when the database answers; Redis is reported but does not make the gateway unready
-/// (it degrades to memory-only state). The route needs no token, so it says only healthy or
-/// unhealthy per dependency: what went wrong (hosts, users, database names) goes to the log.
-#[utoipa::path(
-    tag = "operations",
-    responses(
-        (status = 200, description = "The database answers and the actors run (Redis is reported)", body = openapi::operations::Readiness),
-        (status = 503, description = "Not ready", body = openapi::operations::Readiness),
+/// The OpenAPI document of every route ([`openapi`] serves it). It lists every handler, so it
+/// lives here, above the handlers' modules: in a sibling of theirs, it would import them while
+/// their annotations import its schemas.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "quotagate",
+        description = "One OpenAI-compatible endpoint over a pool of LLM provider accounts, with exact quotas and rate limits."
+    ),
+    paths(
+        proxy::chat_completions,
+        proxy::embeddings,
+        proxy::models,
+        stats::usage,
+        stats::pool,
+        stats::quota,
+        stats::ratelimit,
+        stats::provider,
+        stats::top_models,
+        stats::errors,
+        admin::providers::list_providers,
+        admin::providers::create_provider,
+        admin::providers::get_provider,
+        admin::providers::patch_provider,
+        admin::providers::delete_provider,
+        admin::providers::get_provider_limits,
+        admin::providers::put_provider_limits,
+        admin::runtime::reset_provider,
+        admin::accounts::list_accounts,
+        admin::accounts::create_account,
+        admin::accounts::get_account,
+        admin::accounts::patch_account,
+        admin::accounts::delete_account,
+        admin::runtime::reset_account,
+        admin::keys::list_keys,
+        admin::keys::create_key,
+        admin::keys::revoke_key,
+        admin::runtime::flush,
+        operations::metrics,
+        operations::healthz,
+        operations::readyz,
+        status_page::index,
+        status_page::live,
+        status_page::login,
+        status_page::logout,
+        status_page::status_json,
+        openapi::document,
+    ),
+    modifiers(&BearerTokens),
+    tags(
+        (name = "client", description = "OpenAI-compatible API (client key)"),
+        (name = "stats", description = "Usage history and live quota state (admin token; a client key reads its own usage)"),
+        (name = "admin", description = "Providers, accounts, limits and client keys (admin token); changes apply at once"),
+        (name = "operations", description = "Health, readiness, metrics, the status page and this document"),
     )
 )]
-#[get("/readyz")]
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let store = state.store.clone();
-    let database = match tokio::time::timeout(PROBE_TIMEOUT, web::block(move || store.ping())).await
-    {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(e.to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
-    };
-    let redis = match &state.redis {
-        None => None,
-        Some(target) => Some(target.ping(PROBE_TIMEOUT).await),
-    };
-    if let Err(problem) = &database {
-        log::warn!(event = "readiness_failed", target = "database"; "readiness probe: the database does not answer: {problem}");
-    }
-    if let Some(Err(problem)) = &redis {
-        log::warn!(event = "readiness_failed", target = "redis"; "readiness probe: Redis does not answer: {problem}");
-    }
-    let health = |ok: bool| if ok { "ok" } else { "unhealthy" };
-    let ready = database.is_ok();
-    let registry = state.runtime.registry();
-    let body = Readiness {
-        ready,
-        database: health(ready),
-        redis: redis.map_or("disabled", |r| health(r.is_ok())),
-        ledger: match &state.ledger {
-            None => "local",
-            Some(link) if link.is_up() => "shared",
-            Some(_) => "degraded",
-        },
-        pools: registry.providers().len(),
-        accounts: registry.accounts().len(),
-    };
-    if ready {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    }
-}
+pub struct ApiDoc;

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 
 use crate::status::compose::{clock_time, relative};
-use crate::status::{AccountState, AccountView, ProviderView, Snapshot, WindowFigures};
+use crate::status::{thousands, AccountState, AccountView, ProviderView, Snapshot, WindowFigures};
 
 /// Where the embedded assets are served, with a version so browsers may cache them for good.
 #[derive(Debug, Clone)]
@@ -34,19 +34,6 @@ pub fn esc(text: &str) -> String {
             '\'' => out.push_str("&#39;"),
             c => out.push(c),
         }
-    }
-    out
-}
-
-/// `1234567` → `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
     }
     out
 }

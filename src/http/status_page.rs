@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Admin;
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::ErrorBody;
 use super::session::{self, Sessions, Viewer};
 use super::status_html::{self, AssetLinks};
 use super::AppState;

@@ -194,10 +194,7 @@ impl StatusBoard {
             .accounts_status
             .iter()
             .map(|m| {
-                let rate = rates
-                    .get(m.account_id.as_str())
-                    .copied()
-                    .unwrap_or_default();
+                let rate = rates.of(&m.account_id);
                 let at = compose::quota_exhausts_at(m, rate, now).map(to_datetime);
                 (m.account_id.clone(), at)
             })

@@ -47,19 +47,31 @@ pub struct AccountRate {
 }
 
 /// Each account's rate over the rate span, by account id.
-pub fn rates(activity: &Activity) -> HashMap<&str, AccountRate> {
+pub struct Rates<'a>(HashMap<&'a str, AccountRate>);
+
+impl Rates<'_> {
+    /// The rate of the account `account_id`: zero when it served nothing over the span.
+    pub fn of(&self, account_id: &str) -> AccountRate {
+        self.0.get(account_id).copied().unwrap_or_default()
+    }
+}
+
+/// Each account's rate over the rate span.
+pub fn rates(activity: &Activity) -> Rates<'_> {
     let span = RATE_SPAN_MINUTES * 60_000;
-    activity
-        .account_use
-        .iter()
-        .map(|u| {
-            let rate = AccountRate {
-                requests: Rate::over(u.requests.max(0) as u64, span),
-                tokens: Rate::over(u.tokens.max(0) as u64, span),
-            };
-            (u.account_id.as_str(), rate)
-        })
-        .collect()
+    Rates(
+        activity
+            .account_use
+            .iter()
+            .map(|u| {
+                let rate = AccountRate {
+                    requests: Rate::over(u.requests.max(0) as u64, span),
+                    tokens: Rate::over(u.tokens.max(0) as u64, span),
+                };
+                (u.account_id.as_str(), rate)
+            })
+            .collect(),
+    )
 }
 
 /// When a member's quota runs out at its rate (`None` when not before its reset).
@@ -133,10 +145,7 @@ pub fn compose(
                 .accounts_status
                 .iter()
                 .map(|m| {
-                    let rate = rates
-                        .get(m.account_id.as_str())
-                        .copied()
-                        .unwrap_or_default();
+                    let rate = rates.of(&m.account_id);
                     let windows = pool
                         .windows
                         .get(&m.account_id)

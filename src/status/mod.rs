@@ -7,11 +7,10 @@
 //!   reasons — pure, with the forecast of [`crate::domain::forecast`].
 //! - [`board`]: gathers those inputs from a running runtime and store, caches the database part
 //!   for a few seconds, remembers why accounts cooled down, and exports the forecast as metrics.
-//! - [`table`]: the snapshot as a terminal table; [`cli`]: `quotagate status`, which reads a
-//!   running gateway or, through [`offline`], the database.
+//! - [`table`]: the snapshot as a terminal table, for `quotagate status` (`crate::cli`), which
+//!   reads a running gateway or, through [`offline`], the database.
 
 pub mod board;
-pub mod cli;
 pub mod compose;
 pub mod offline;
 pub mod table;
@@ -196,4 +195,30 @@ pub struct ErrorView {
     pub status: Option<u16>,
     pub error_type: Option<String>,
     pub message: String,
+}
+
+/// `1234567` → `1,234,567`: how the page and the terminal table both print counts.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_get_thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
 }

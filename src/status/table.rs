@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 
 use super::compose::{clock_time, relative};
-use super::{AccountState, AccountView, ProviderView, Snapshot};
+use super::{thousands, AccountState, AccountView, ProviderView, Snapshot};
 
 /// Cells of a quota bar.
 const BAR: usize = 10;
@@ -36,10 +36,6 @@ pub fn bar(percent: f64) -> String {
     };
     let full = ((p / 100.0) * BAR as f64).round() as usize;
     format!("[{}{}]", "█".repeat(full), "░".repeat(BAR - full))
-}
-
-fn num(n: u64) -> String {
-    crate::http::status_html::thousands(n)
 }
 
 fn state_color(state: AccountState) -> &'static str {
@@ -125,13 +121,13 @@ fn provider(out: &mut String, p: &ProviderView, now: DateTime<Utc>, colors: Colo
 
 fn account_row(a: &AccountView, now: DateTime<Utc>) -> Vec<String> {
     let quota = if a.quota.limit == 0 {
-        format!("{} tokens, no limit", num(a.quota.used))
+        format!("{} tokens, no limit", thousands(a.quota.used))
     } else {
         let mut q = format!(
             "{} {}/{} {:.1}%",
             bar(a.quota.usage_percent),
-            num(a.quota.used),
-            num(a.quota.limit),
+            thousands(a.quota.used),
+            thousands(a.quota.limit),
             a.quota.usage_percent
         );
         if let Some(at) = a.quota.exhausts_at {
@@ -144,7 +140,14 @@ fn account_row(a: &AccountView, now: DateTime<Utc>) -> Vec<String> {
     } else {
         a.windows
             .iter()
-            .map(|w| format!("{} {}/{}", w.limit_type, num(w.current), num(w.limit)))
+            .map(|w| {
+                format!(
+                    "{} {}/{}",
+                    w.limit_type,
+                    thousands(w.current),
+                    thousands(w.limit)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -11,7 +11,7 @@ use chrono::{Duration, NaiveDateTime};
 use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamp};
 use diesel::{QueryableByName, RunQueryDsl as _};
 
-use super::stats::statement;
+use super::sql::statement;
 use super::{DbConn, StoreError};
 
 /// Requests and failed requests of a provider in one minute.

@@ -6,6 +6,12 @@ use diesel::prelude::*;
 use super::schema::account_audit;
 use super::{DbConn, StoreError};
 
+/// The `actor` of audit rows written from runtime events (cooldowns, quota resets, …). They are
+/// operational and as frequent as upstream 429s, so the retention cleanup
+/// ([`super::retention::cleanup`]) applies the log's retention to them; changes made by people
+/// (`config`, `cli`, `admin-api`) are kept.
+pub const RUNTIME_ACTOR: &str = "runtime";
+
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = account_audit)]
 pub struct AuditRow {

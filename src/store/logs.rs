@@ -82,7 +82,7 @@ pub(super) fn without_nuls(rows: &[NewRequestLog]) -> std::borrow::Cow<'_, [NewR
 }
 
 /// Inserts `rows` in one transaction, in chunks that stay under both backends' bind limits.
-/// Only the log: [`super::stats::record_batch`] also keeps the daily rollups up to date.
+/// Only the log: [`super::rollup::record_batch`] also keeps the daily rollups up to date.
 pub fn insert_batch(conn: &mut DbConn, rows: &[NewRequestLog]) -> Result<(), StoreError> {
     conn.transaction(|conn| insert_rows(conn, rows))
 }

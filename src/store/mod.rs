@@ -12,10 +12,14 @@ pub mod limits;
 pub mod lock;
 pub mod logs;
 pub mod providers;
+pub mod retention;
+pub mod rollup;
 pub mod schema;
 pub mod settings;
+mod sql;
 pub mod state;
 pub mod stats;
+mod upsert;
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +30,7 @@ use diesel::r2d2::{self, ManageConnection, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness as _};
 
-use crate::config::DatabaseBackend;
+use crate::config::{Config, DatabaseBackend};
 use crate::secrets::redact_url;
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -260,6 +264,22 @@ impl Store {
         self.conn()?.batch_execute("SELECT 1")?;
         Ok(())
     }
+}
+
+/// Opens the configured database and applies pending migrations, so every command sees the
+/// current schema.
+pub fn open_store(config: &Config) -> Result<Store, StoreError> {
+    open_and_log_migrations(config).map(|(store, _)| store)
+}
+
+/// Opens the configured database, applies and logs pending migrations, and returns their names.
+pub fn open_and_log_migrations(config: &Config) -> Result<(Store, Vec<String>), StoreError> {
+    let (store, applied) =
+        Store::open_and_migrate(&config.database_backend(), config.database.pool_size)?;
+    for name in &applied {
+        log::info!(migration = name.as_str(), database = store.display_url(); "applied database migration");
+    }
+    Ok((store, applied))
 }
 
 /// Applies pending migrations on the matched backend, under the start lock (instances starting

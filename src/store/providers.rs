@@ -126,8 +126,8 @@ pub fn list_all_models(conn: &mut DbConn) -> Result<Vec<ModelRow>, StoreError> {
         .load(conn)?)
 }
 
-/// Creates the model or updates its prices; the id of an existing model never changes, so limits
-/// and history that refer to it stay attached.
+/// Creates the model or updates its prices (one `INSERT … ON CONFLICT DO UPDATE`); the id of an
+/// existing model never changes, so limits and history that refer to it stay attached.
 pub fn upsert_model(
     conn: &mut DbConn,
     provider_id: &str,
@@ -135,42 +135,27 @@ pub fn upsert_model(
     price_input: f64,
     price_output: f64,
 ) -> Result<ModelRow, StoreError> {
-    let existing = models::table
-        .filter(models::provider_id.eq(provider_id))
-        .filter(models::name.eq(name))
-        .select(ModelRow::as_select())
-        .first(conn)
-        .optional()?;
-    match existing {
-        Some(mut row) => {
-            diesel::update(models::table.find(&row.id))
-                .set((
-                    models::price_input.eq(price_input),
-                    models::price_output.eq(price_output),
-                ))
-                .execute(conn)?;
-            row.price_input = price_input;
-            row.price_output = price_output;
-            super::settings::bump_catalog(conn)?;
-            Ok(row)
-        }
-        None => {
-            let row = ModelRow {
-                id: super::new_id(),
-                provider_id: provider_id.to_string(),
-                name: name.to_string(),
-                price_input,
-                price_output,
-                created_at: super::now(),
-            };
-            diesel::insert_into(models::table)
-                .values(&row)
-                .execute(conn)
-                .map_err(conflict_as(format!("model `{name}`")))?;
-            super::settings::bump_catalog(conn)?;
-            Ok(row)
-        }
-    }
+    use diesel::upsert::excluded;
+    let new = ModelRow {
+        id: super::new_id(),
+        provider_id: provider_id.to_string(),
+        name: name.to_string(),
+        price_input,
+        price_output,
+        created_at: super::now(),
+    };
+    let upsert = diesel::insert_into(models::table)
+        .values(&new)
+        .on_conflict((models::provider_id, models::name))
+        .do_update()
+        .set((
+            models::price_input.eq(excluded(models::price_input)),
+            models::price_output.eq(excluded(models::price_output)),
+        ))
+        .returning(models::all_columns);
+    let row = super::sql::get_result_native(conn, upsert)?;
+    super::settings::bump_catalog(conn)?;
+    Ok(row)
 }
 
 /// Removes the provider's models whose names are not in `keep` (their limits go with them).

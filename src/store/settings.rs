@@ -32,24 +32,20 @@ pub fn get(conn: &mut DbConn, key: &str) -> Result<Option<String>, StoreError> {
         .optional()?)
 }
 
-/// Sets `key` to `value`, creating it when absent.
+/// Sets `key` to `value`, creating it when absent (one `INSERT … ON CONFLICT DO UPDATE`).
 pub fn put(conn: &mut DbConn, key: &str, value: &str) -> Result<(), StoreError> {
     let now = super::now();
-    conn.transaction(|conn| {
-        let updated = diesel::update(settings::table.find(key))
-            .set((settings::value.eq(value), settings::updated_at.eq(now)))
-            .execute(conn)?;
-        if updated == 0 {
-            diesel::insert_into(settings::table)
-                .values((
-                    settings::key.eq(key),
-                    settings::value.eq(value),
-                    settings::updated_at.eq(now),
-                ))
-                .execute(conn)?;
-        }
-        Ok(())
-    })
+    let upsert = diesel::insert_into(settings::table)
+        .values((
+            settings::key.eq(key),
+            settings::value.eq(value),
+            settings::updated_at.eq(now),
+        ))
+        .on_conflict(settings::key)
+        .do_update()
+        .set((settings::value.eq(value), settings::updated_at.eq(now)));
+    super::sql::execute_native(conn, upsert)?;
+    Ok(())
 }
 
 pub fn delete(conn: &mut DbConn, key: &str) -> Result<bool, StoreError> {

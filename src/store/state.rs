@@ -18,36 +18,27 @@ pub struct AccountStateRow {
 
 /// Writes each row unless the stored version is already the same or higher. Returns how many
 /// rows were written.
+///
+/// One `INSERT … ON CONFLICT DO UPDATE … WHERE` per row: a row whose stored version is not lower
+/// is left alone and counts as not written (both backends report it as no change).
 pub fn put(conn: &mut DbConn, rows: &[AccountStateRow]) -> Result<usize, StoreError> {
+    use account_state::{state, updated_at, version};
+    use diesel::query_dsl::methods::FilterDsl as _;
+    use diesel::upsert::excluded;
     conn.transaction(|conn| {
         let mut written = 0;
         for row in rows {
-            let updated = diesel::update(
-                account_state::table
-                    .find(&row.account_id)
-                    .filter(account_state::version.lt(row.version)),
-            )
-            .set((
-                account_state::version.eq(row.version),
-                account_state::state.eq(&row.state),
-                account_state::updated_at.eq(row.updated_at),
-            ))
-            .execute(conn)?;
-            if updated > 0 {
-                written += 1;
-                continue;
-            }
-            let exists = account_state::table
-                .find(&row.account_id)
-                .count()
-                .get_result::<i64>(conn)?
-                > 0;
-            if !exists {
-                diesel::insert_into(account_state::table)
-                    .values(row)
-                    .execute(conn)?;
-                written += 1;
-            }
+            let upsert = diesel::insert_into(account_state::table)
+                .values(row)
+                .on_conflict(account_state::account_id)
+                .do_update()
+                .set((
+                    version.eq(excluded(version)),
+                    state.eq(excluded(state)),
+                    updated_at.eq(excluded(updated_at)),
+                ))
+                .filter(version.lt(excluded(version)));
+            written += super::sql::execute_native(conn, upsert)?;
         }
         Ok(written)
     })

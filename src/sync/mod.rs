@@ -5,13 +5,12 @@
 //! counter below the truth. After a clean stop the restore is exact. After a crash the interval
 //! since the last heartbeat is unknown and is charged conservatively (see
 //! `Account::charge_gap`), unless the crash mark in `data_dir` says nothing was admitted since
-//! the last complete copy ([`mark`]).
+//! the last complete copy ([`crate::mark`]).
 //!
 //! Redis keys (the account id is a hash tag, so a Redis Cluster could shard by account later):
 //! - `quotagate:account:{<account id>}` — the account's state as JSON, with its version;
 //! - `quotagate:heartbeat` — ms since the epoch of the last completed sync tick.
 
-pub mod mark;
 pub mod redis_link;
 pub mod restore;
 pub mod syncer;

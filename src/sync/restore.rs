@@ -23,8 +23,8 @@ use std::time::Duration;
 use crate::actors::supervisor::Restored;
 use crate::domain::account::AccountState;
 use crate::domain::time::{duration_ms, Millis};
+use crate::mark::Mark;
 use crate::store::{accounts, settings, state, Store};
-use crate::sync::mark::Mark;
 
 use super::redis_link::{account_key, classify, HEARTBEAT_KEY};
 
@@ -41,9 +41,9 @@ pub struct RestorePlan {
     pub from_database: usize,
 }
 
-/// One copy's states and heartbeat.
+/// One copy of the saved states (the database's or Redis's) and its heartbeat.
 #[derive(Debug, Default)]
-struct Copy {
+struct StateCopy {
     states: HashMap<Arc<str>, AccountState>,
     /// When each account was created (the database's copy only).
     created: HashMap<Arc<str>, Millis>,
@@ -71,15 +71,15 @@ pub async fn plan(
                 Ok(Ok(copy)) => copy,
                 Ok(Err(problem)) => {
                     log::warn!(event = "restore_redis_unavailable"; "restoring from the database only: {problem}");
-                    Copy::default()
+                    StateCopy::default()
                 }
                 Err(_) => {
                     log::warn!(event = "restore_redis_unavailable"; "restoring from the database only: Redis did not answer within {REDIS_WAIT:?}");
-                    Copy::default()
+                    StateCopy::default()
                 }
             }
         }
-        None => Copy::default(),
+        None => StateCopy::default(),
     };
     Ok(choose(
         &database,
@@ -120,8 +120,8 @@ struct Previous {
 
 /// Picks the higher version per account and the gap to charge (pure, tested directly).
 fn choose(
-    database: &Copy,
-    redis: &Copy,
+    database: &StateCopy,
+    redis: &StateCopy,
     previous: Previous,
     accounts: &[Arc<str>],
     now: Millis,
@@ -219,7 +219,7 @@ fn choose(
     plan
 }
 
-async fn read_database(store: Store) -> Result<(Copy, Ending), String> {
+async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().map_err(|e| e.to_string())?;
         let ending = match settings::get(&mut conn, settings::SHUTDOWN_MARK)
@@ -258,7 +258,7 @@ async fn read_database(store: Store) -> Result<(Copy, Ending), String> {
         // From now on a stop without a final flush must be detectable.
         settings::put(&mut conn, settings::SHUTDOWN_MARK, "running").map_err(|e| e.to_string())?;
         Ok((
-            Copy {
+            StateCopy {
                 states,
                 created,
                 unreadable,
@@ -271,7 +271,7 @@ async fn read_database(store: Store) -> Result<(Copy, Ending), String> {
     .map_err(|e| e.to_string())?
 }
 
-async fn read_redis(client: &redis::Client, accounts: &[Arc<str>]) -> Result<Copy, String> {
+async fn read_redis(client: &redis::Client, accounts: &[Arc<str>]) -> Result<StateCopy, String> {
     let addr = client.get_connection_info().addr().to_string();
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -310,11 +310,11 @@ async fn read_redis(client: &redis::Client, accounts: &[Arc<str>]) -> Result<Cop
             }
         }
     }
-    Ok(Copy {
+    Ok(StateCopy {
         states,
         unreadable,
         heartbeat,
-        ..Copy::default()
+        ..StateCopy::default()
     })
 }
 
@@ -331,19 +331,19 @@ mod tests {
         }
     }
 
-    fn copy(states: &[(&str, u64, Millis)], heartbeat: Option<Millis>) -> Copy {
-        Copy {
+    fn copy(states: &[(&str, u64, Millis)], heartbeat: Option<Millis>) -> StateCopy {
+        StateCopy {
             states: states
                 .iter()
                 .map(|(id, v, at)| (Arc::from(*id), state(*v, *at)))
                 .collect(),
-            ..Copy::default()
+            ..StateCopy::default()
         }
         .with_heartbeat(heartbeat)
     }
 
-    impl Copy {
-        fn with_heartbeat(mut self, heartbeat: Option<Millis>) -> Copy {
+    impl StateCopy {
+        fn with_heartbeat(mut self, heartbeat: Option<Millis>) -> StateCopy {
             self.heartbeat = heartbeat;
             self
         }
@@ -410,7 +410,7 @@ mod tests {
         let db = copy(&[("a", 1, 1_000)], None);
         let plan = choose(
             &db,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(false, None),
             &ids(&["a"]),
             4_000,
@@ -439,7 +439,7 @@ mod tests {
         let db = copy(&[("a", 5, 9_000)], Some(10_000));
         let plan = choose(
             &db,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(false, Some(mark(60_000, Some(11_000)))),
             &ids(&["a", "new"]),
             90_000,
@@ -455,7 +455,7 @@ mod tests {
         let db = copy(&[("a", 5, 490_000)], Some(500_000));
         let plan = choose(
             &db,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(false, Some(mark(60_000, Some(11_000)))),
             &ids(&["a"]),
             600_000,
@@ -472,7 +472,7 @@ mod tests {
         let db = copy(&[("a", 5, 9_000)], Some(10_000));
         let plan = choose(
             &db,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["a", "new"]),
             90_000,
@@ -487,7 +487,7 @@ mod tests {
         // After a clean stop it simply has no state.
         let clean = choose(
             &db,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(true, None),
             &ids(&["new"]),
             90_000,
@@ -495,8 +495,8 @@ mod tests {
         assert!(!clean.saved.contains_key(&Arc::from("new")));
         // Without any heartbeat: since the previous process started.
         let none = choose(
-            &Copy::default(),
-            &Copy::default(),
+            &StateCopy::default(),
+            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["new"]),
             90_000,
@@ -507,7 +507,7 @@ mod tests {
         with_created.created.insert(Arc::from("new"), 15_000);
         let plan = choose(
             &with_created,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["new"]),
             90_000,
@@ -521,7 +521,7 @@ mod tests {
         db.created.insert(Arc::from("added"), 80_000);
         let plan = choose(
             &db,
-            &Copy::default(),
+            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["a", "added"]),
             90_000,
@@ -535,8 +535,8 @@ mod tests {
             ..previous(false, None)
         };
         let plan = choose(
-            &Copy::default(),
-            &Copy::default(),
+            &StateCopy::default(),
+            &StateCopy::default(),
             first,
             &ids(&["x"]),
             90_000,

@@ -17,6 +17,7 @@ use diesel::Connection as _;
 
 use super::redis_link::{account_key, classify, HEARTBEAT_KEY};
 use crate::actors::QuotaSystem;
+use crate::backoff::Backoff;
 use crate::domain::account::AccountState;
 use crate::domain::time::{duration_ms, to_datetime, Millis, SharedClock};
 use crate::metrics::Metrics;
@@ -25,8 +26,8 @@ use crate::store::{accounts, settings, state, Store};
 
 /// States per Redis round trip.
 const REDIS_BATCH: usize = 500;
-const FIRST_BACKOFF_MS: Millis = 500;
-const MAX_BACKOFF_MS: Millis = 30_000;
+/// Waits before retrying a failing copy: from 500 ms, doubling up to 30 s.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// Syncs every account to the database and Redis now; answers when done (or failed).
 #[derive(Message, Debug, Clone)]
@@ -43,7 +44,7 @@ pub struct FlushReport {
 #[derive(Debug, Clone, Copy)]
 struct Link {
     up: bool,
-    failures: u32,
+    backoff: Backoff,
     retry_at: Millis,
     last_ok: Millis,
 }
@@ -52,7 +53,7 @@ impl Link {
     fn new(now: Millis) -> Link {
         Link {
             up: true,
-            failures: 0,
+            backoff: BACKOFF,
             retry_at: 0,
             last_ok: now,
         }
@@ -69,9 +70,7 @@ impl Link {
     fn failed(&mut self, now: Millis) -> bool {
         let went_down = self.up;
         self.up = false;
-        self.failures += 1;
-        let backoff = (FIRST_BACKOFF_MS << (self.failures - 1).min(10)).min(MAX_BACKOFF_MS);
-        self.retry_at = now + backoff;
+        self.retry_at = now + duration_ms(self.backoff.next_delay());
         went_down
     }
 }

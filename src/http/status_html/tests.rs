@@ -128,11 +128,3 @@ fn the_page_loads_only_its_own_assets_and_offers_logout_to_sessions() {
         "nothing from elsewhere"
     );
 }
-
-#[test]
-fn numbers_get_thousands_separators() {
-    assert_eq!(thousands(0), "0");
-    assert_eq!(thousands(999), "999");
-    assert_eq!(thousands(1000), "1,000");
-    assert_eq!(thousands(1_234_567), "1,234,567");
-}

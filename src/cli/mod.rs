@@ -2,6 +2,9 @@
 //!
 //! Exit status: 0 on success, 2 for a bad config file or bad arguments, 1 for any other failure.
 //! Secrets a command creates (keys, tokens) go to stdout once, never through the logger.
+//! `quotagate status`, which draws the status snapshot in a terminal, is in `status`.
+
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,7 +17,7 @@ use crate::domain::{Strategy, Tokenizer};
 use crate::manage::{self, NewAccount, NewProvider};
 use crate::secrets::{self, MasterKey, Secret, SecretsError};
 use crate::store::providers::{self, Source};
-use crate::store::{self, accounts, keys, settings, Store, StoreError};
+use crate::store::{self, accounts, keys, open_store, settings, StoreError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,7 +60,7 @@ pub enum Command {
     AdminToken(AdminTokenCommand),
     /// Show every pool and account (state, quota, rate windows, cooldowns), from a running
     /// gateway (admin token in QUOTAGATE_ADMIN_TOKEN) or from the database.
-    Status(crate::status::cli::StatusArgs),
+    Status(status::StatusArgs),
     /// Copy the embedded database to FILE while the server runs.
     Backup {
         #[arg(long, value_name = "FILE")]
@@ -210,31 +213,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Key(cmd) => key(&config, cmd),
         Command::AdminToken(AdminTokenCommand::Rotate) => rotate_admin_token(&config),
         Command::Backup { to } => backup(&config, &to),
-        Command::Status(args) => crate::status::cli::run(&config, &args),
+        Command::Status(args) => status::run(&config, &args),
     };
     // Log lines are written by a thread of their own: let it finish before the process ends.
     crate::logging::flush(std::time::Duration::from_secs(2));
     done.map(|()| ExitCode::SUCCESS)
 }
 
-/// Opens the configured database and applies pending migrations, so every command sees the
-/// current schema.
-pub fn open_store(config: &Config) -> Result<Store, StoreError> {
-    open_and_migrate(config).map(|(store, _)| store)
-}
-
-/// Opens the store, applies and logs pending migrations, and returns their names.
-fn open_and_migrate(config: &Config) -> Result<(Store, Vec<String>), StoreError> {
-    let (store, applied) =
-        Store::open_and_migrate(&config.database_backend(), config.database.pool_size)?;
-    for name in &applied {
-        log::info!(migration = name.as_str(), database = store.display_url(); "applied database migration");
-    }
-    Ok((store, applied))
-}
-
 fn migrate(config: &Config) -> Result<(), CliError> {
-    let (store, applied) = open_and_migrate(config)?;
+    let (store, applied) = store::open_and_log_migrations(config)?;
     if applied.is_empty() {
         println!("database {} is up to date", store.display_url());
     } else {
@@ -431,7 +418,7 @@ fn key(config: &Config, cmd: KeyCommand) -> Result<(), CliError> {
             print_table(&table);
         }
         KeyCommand::Revoke { key } => {
-            let revoked = keys::revoke(&mut conn, &key)?;
+            let revoked = manage::revoke_key(&mut conn, &key)?;
             println!("revoked key {} ({})", revoked.name, revoked.id);
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! From a running gateway (`GET /api/v1/status` at `--url`, default the configured address, with
 //! the admin token from `QUOTAGATE_ADMIN_TOKEN` or the config), or — when none answers there, or
-//! with `--offline` — from the database as of the last sync ([`super::offline`]). `--watch`
+//! with `--offline` — from the database as of the last sync ([`crate::status::offline`]). `--watch`
 //! redraws every `--interval` until interrupted; `--json` prints the snapshot as JSON.
 
 use std::io::{IsTerminal as _, Write as _};
@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::table::{self, Colors};
-use super::Snapshot;
-use crate::cli::CliError;
+use super::CliError;
 use crate::config::Config;
+use crate::status::table::{self, Colors};
+use crate::status::{offline, Snapshot};
 
 /// The environment variable the admin token is read from.
 pub const TOKEN_ENV: &str = "QUOTAGATE_ADMIN_TOKEN";
@@ -159,8 +159,8 @@ async fn frame(
 }
 
 fn offline(config: &Config) -> Result<Snapshot, CliError> {
-    let store = crate::cli::open_store(config)?;
-    super::offline::snapshot(config, &store).map_err(CliError::Failed)
+    let store = crate::store::open_store(config)?;
+    offline::snapshot(config, &store).map_err(CliError::Failed)
 }
 
 async fn fetch(url: &str, token: Option<&str>) -> Result<Snapshot, Unreachable> {
