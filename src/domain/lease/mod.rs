@@ -215,6 +215,9 @@ pub struct Shard {
     /// Admitted since the last report, and the most requests open at once since then.
     admitted: Units,
     peak_open: u64,
+    /// Whether anything was admitted between the last two reports: an idle holder keeps nothing,
+    /// so that an idle worker strands capacity for at most one report interval.
+    idle: bool,
     last_report_at: Option<Millis>,
     /// Admissions per ms (requests, tokens), averaged over reports.
     rate: (f64, f64),
@@ -511,7 +514,7 @@ impl Shard {
         let boost = f64::from(self.boost);
         let horizon = horizon.max(1) as f64;
         let (requests, tokens) = (self.rate.0 * horizon * boost, self.rate.1 * horizon * boost);
-        if requests < 0.5 && self.admitted.is_zero() && self.open.is_zero() {
+        if (requests < 0.5 || self.idle) && self.open.is_zero() {
             // Idle: keep nothing.
             return Units::ZERO;
         }
@@ -543,6 +546,7 @@ impl Shard {
                 self.rate.1 + RATE_WEIGHT * (sample.1 - self.rate.1),
             );
         }
+        self.idle = self.admitted.is_zero();
         self.admitted = Units::ZERO;
         self.peak_open = self.open.slots;
     }
