@@ -11,11 +11,10 @@
 
 mod common;
 
-use std::cell::{Cell, RefCell};
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{chat_body, Http, MockUpstream, StrictLimits, TestGateway, MOCK_MODEL};
+use common::load::{allowed, drive, slot_reuse, Target};
+use common::{chat_body, MockUpstream, StrictLimits, TestGateway, MOCK_MODEL};
 
 const ACCOUNTS: u64 = 3;
 /// Requests per window per account.
@@ -64,99 +63,32 @@ async fn the_gateway_never_trips_a_strict_upstream_and_admits_nearly_all_it_allo
         WINDOW.as_secs()
     ));
 
-    let admitted = Rc::new(Cell::new(0u64));
-    let refused = Rc::new(Cell::new(0u64));
-    let other = Rc::new(RefCell::new(Vec::<String>::new()));
-    let latencies = Rc::new(RefCell::new(Vec::<Duration>::new()));
-    let http = Http::new();
-    let url = format!("{}/v1/chat/completions", gw.url());
     let body = serde_json::to_vec(&chat_body(MOCK_MODEL, "precision")).unwrap();
-    let started = Instant::now();
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let (http, url, body, key) = (
-            http.clone(),
-            url.clone(),
-            body.clone(),
-            gw.client_key().to_string(),
-        );
-        let (admitted, refused, other, latencies) = (
-            admitted.clone(),
-            refused.clone(),
-            other.clone(),
-            latencies.clone(),
-        );
-        clients.push(actix_rt::spawn(async move {
-            while started.elapsed() < RUN {
-                let r = http
-                    .send(
-                        "POST",
-                        &url,
-                        Some(&key),
-                        &[("Content-Type", "application/json")],
-                        Some(&body),
-                    )
-                    .await;
-                match r.status {
-                    200 => {
-                        admitted.set(admitted.get() + 1);
-                        latencies.borrow_mut().push(r.elapsed);
-                    }
-                    429 if r.code().as_deref() == Some("rate_limit_exceeded") => {
-                        refused.set(refused.get() + 1);
-                        // Come back when the gateway says a slot frees (exact when settled
-                        // usage blocks), polling at least every 100 ms.
-                        let hint = r.json()["error"]["retry_after"].as_f64().unwrap_or(0.0);
-                        let wait = Duration::from_secs_f64(hint)
-                            .clamp(Duration::from_millis(2), Duration::from_millis(100));
-                        actix_rt::time::sleep(wait).await;
-                    }
-                    _ => {
-                        other.borrow_mut().push(r.to_string());
-                        actix_rt::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-        }));
-    }
-    for c in clients {
-        c.await.unwrap();
-    }
-    let elapsed = started.elapsed();
+    let targets = [Target {
+        url: gw.url(),
+        key: gw.client_key().to_string(),
+    }];
+    let load = drive(&targets, CLIENTS, RUN, &body).await;
+    let elapsed = load.elapsed;
 
     let upstream = mock.total();
-    let mut latencies = latencies.borrow().clone();
-    latencies.sort();
-    let mean_client = latencies.iter().sum::<Duration>() / latencies.len().max(1) as u32;
+    let mean_client = load.mean_latency();
     let received = mock.received();
     let upstream_latencies: Vec<Duration> = received.iter().filter_map(|r| r.latency).collect();
     let mean_upstream =
         upstream_latencies.iter().sum::<Duration>() / upstream_latencies.len().max(1) as u32;
-    // Each request slot is held for h = W + the latency, so over the run each of the
-    // ACCOUNTS × REQUESTS slots can serve at most ceil(RUN / h) requests (at 0, h, 2h, …).
+    // Each request slot is held for h = W + the latency (see `common::load::allowed`).
     let slots = ACCOUNTS * REQUESTS;
     let held = WINDOW + mean_client;
     let per_slot = RUN.as_secs_f64() / held.as_secs_f64();
-    let allowed = slots * per_slot.ceil() as u64;
-    let admission = admitted.get() as f64 / allowed as f64;
-
-    // How tightly slots are reused, per account: the k-th and the (k + REQUESTS)-th admission
-    // share a slot, so they are at least h apart; the closer to h, the better. Insensitive to
-    // where the run's end falls, unlike the count above.
-    let mut gaps = Vec::new();
-    for i in 1..=ACCOUNTS {
-        let key = format!("sk-precision-{i}");
-        let times: Vec<Instant> = received
-            .iter()
-            .filter(|r| r.key == key && r.status == Some(200))
-            .map(|r| r.at)
-            .collect();
-        for pair in times.windows(REQUESTS as usize + 1) {
-            gaps.push(pair[REQUESTS as usize] - pair[0]);
-        }
-    }
-    let mean_gap = gaps.iter().sum::<Duration>() / gaps.len().max(1) as u32;
-    let reuse = held.as_secs_f64() / mean_gap.as_secs_f64().max(1e-9);
+    let allowed = allowed(slots, RUN, held);
+    let admission = load.admitted() as f64 / allowed as f64;
+    // How tightly slots are reused, per account: insensitive to where the run's end falls,
+    // unlike the count above.
+    let keys: Vec<String> = (1..=ACCOUNTS)
+        .map(|i| format!("sk-precision-{i}"))
+        .collect();
+    let (reuse, mean_gap) = slot_reuse(&received, &keys, REQUESTS as usize, held);
 
     println!(
         "precision: run {:.1} s, {CLIENTS} clients, {ACCOUNTS} accounts × ({REQUESTS} requests + \
@@ -171,13 +103,13 @@ async fn the_gateway_never_trips_a_strict_upstream_and_admits_nearly_all_it_allo
     println!(
         "precision: admitted {} of {allowed} allowed = {:.1} % ({slots} slots × ceil({:.2}), a slot \
          held W {} ms + client latency {:.1} ms; upstream latency {:.1} ms); gateway 429s {}",
-        admitted.get(),
+        load.admitted(),
         admission * 100.0,
         per_slot,
         WINDOW.as_millis(),
         mean_client.as_secs_f64() * 1000.0,
         mean_upstream.as_secs_f64() * 1000.0,
-        refused.get()
+        load.refused
     );
     println!(
         "precision: slot reuse every {:.1} ms on average (W + latency = {:.1} ms): {:.1} %",
@@ -187,9 +119,10 @@ async fn the_gateway_never_trips_a_strict_upstream_and_admits_nearly_all_it_allo
     );
 
     assert!(
-        other.borrow().is_empty(),
-        "unexpected answers: {:?}",
-        &other.borrow()[..other.borrow().len().min(5)]
+        load.other.is_empty() && load.lost.is_empty(),
+        "unexpected answers: {:?} {:?}",
+        &load.other[..load.other.len().min(5)],
+        load.lost
     );
     assert_eq!(
         upstream.rejected_429, 0,
@@ -204,7 +137,7 @@ async fn the_gateway_never_trips_a_strict_upstream_and_admits_nearly_all_it_allo
     assert!(
         admission >= 0.95,
         "the gateway admitted {} requests, {:.1} % of the {allowed} the limits allow (< 95 %)",
-        admitted.get(),
+        load.admitted(),
         admission * 100.0
     );
     assert!(

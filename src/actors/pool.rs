@@ -192,13 +192,14 @@ impl PoolActor {
         }
     }
 
-    /// Builds and starts an account actor on the current arbiter (the pool's).
+    /// Builds and starts an account actor on the current arbiter (the pool's), from a saved state
+    /// and the crash gap to charge on it when `restore` says so; `rebuilt` when it replaces an
+    /// actor that panicked.
     fn spawn_account(
         &self,
         name: &Arc<str>,
         spec: &AccountSpec,
-        saved: Option<&AccountState>,
-        gap: Option<i64>,
+        restore: Option<(&AccountState, Option<i64>)>,
         control: &Arc<LeaseControl>,
         me: Recipient<Broke>,
         rebuilt: bool,
@@ -210,7 +211,7 @@ impl PoolActor {
         account.set_peak_interval(crate::domain::time::duration_ms(
             self.settings.peak_interval,
         ));
-        if let Some(saved) = saved {
+        if let Some((saved, gap)) = restore {
             account.restore(saved, now, gap);
         }
         let actor = AccountActor::new(
@@ -247,8 +248,7 @@ impl PoolActor {
             match self.spawn_account(
                 &member.name,
                 &member.spec,
-                member.last_state.as_deref(),
-                gap,
+                member.last_state.as_deref().map(|s| (s, gap)),
                 &member.control,
                 me.clone(),
                 true,
@@ -423,8 +423,7 @@ impl Handler<AddAccount> for PoolActor {
         let addr = self.spawn_account(
             &msg.name,
             &msg.spec,
-            msg.saved.as_ref(),
-            msg.gap,
+            msg.saved.as_ref().map(|s| (s, msg.gap)),
             &control,
             ctx.address().recipient(),
             false,

@@ -41,9 +41,9 @@ pub use providers::{
     RateLimitHeaders, RateLimitsConfig, WindowConfig,
 };
 pub use sections::{
-    Arbiters, DatabaseConfig, InstanceConfig, JobsConfig, LogFormat, LoggingConfig, NotificationsConfig,
-    QuotaConfig, RedisConfig, RuntimeConfig, SecurityConfig, ServerConfig, SyncConfig,
-    TrackingConfig, UpstreamConfig,
+    Arbiters, DatabaseConfig, InstanceConfig, JobsConfig, LogFormat, LoggingConfig,
+    NotificationsConfig, QuotaConfig, RedisConfig, RuntimeConfig, SecurityConfig, ServerConfig,
+    SyncConfig, TrackingConfig, UpstreamConfig,
 };
 
 use crate::secrets::Secret;

@@ -11,6 +11,7 @@ pub mod quota;
 pub mod refusal;
 pub mod schedule;
 pub mod selection;
+pub mod share;
 pub mod time;
 pub mod upstream_timing;
 pub mod window;

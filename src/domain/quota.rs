@@ -173,6 +173,12 @@ impl Quota {
         Ok(())
     }
 
+    /// Whether `need` more tokens would pass the limit (or this process's share of it) by settled
+    /// usage alone: what is reserved cannot change that.
+    pub fn exhausted_by_use(&self, need: u64) -> bool {
+        !self.unlimited() && self.used + need > self.cap()
+    }
+
     pub fn reserve(&mut self, tokens: u64) {
         self.reserved += tokens;
     }

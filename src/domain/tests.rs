@@ -253,10 +253,10 @@ fn a_reservation_refused_by_one_limit_takes_nothing_from_any_other() {
     let mut q = open(&with_quota(100, vec![named(NamedLimit::Rpm, 10)]));
     granted(&mut q, M, 60, T0);
     let before = footprint(&q);
-    assert_eq!(
+    assert!(matches!(
         reserve(&mut q, M, 50, T0 + 1),
-        Err(Denial::QuotaExceeded { reset_at: MIDNIGHT })
-    );
+        Err(Denial::RateLimited { limit, lower_bound: true, .. }) if &*limit == "quota"
+    ));
     assert_eq!(
         footprint(&q),
         before,
@@ -576,13 +576,17 @@ fn the_quota_resets_at_its_cron_boundary_and_says_so() {
     let id = granted(&mut a, M, 400, T0);
     commit(&mut a, id, Usage::Reported(400), T0 + 1);
     let late = granted(&mut a, M, 200, T0 + 2);
-    assert_eq!(
-        reserve(&mut a, M, 500, T0 + 3),
-        Err(Denial::QuotaExceeded { reset_at: MIDNIGHT })
+    assert!(
+        matches!(
+            reserve(&mut a, M, 500, T0 + 3),
+            Err(Denial::RateLimited { limit, lower_bound: true, .. }) if &*limit == "quota"
+        ),
+        "the 200 in flight may come back unused: held, not exhausted"
     );
     assert_eq!(
-        reserve(&mut a, M, 500, MIDNIGHT - 1),
-        Err(Denial::QuotaExceeded { reset_at: MIDNIGHT })
+        reserve(&mut a, M, 700, MIDNIGHT - 1),
+        Err(Denial::QuotaExceeded { reset_at: MIDNIGHT }),
+        "settled usage alone leaves no room for 700: exhausted until the reset"
     );
 
     let mut events = Vec::new();
@@ -1935,9 +1939,9 @@ fn out_of_reach_of_the_shared_ledger_an_instance_keeps_to_its_share_and_reports_
         commit(&mut a, id, Usage::RequestOnly, T0 + t);
     }
     let remote = a.ledger_state(T0 + 10);
-    // Three instances: this one keeps to 10 / 3 = 3 of the window, and the 4 already used
-    // leave it nothing until they expire.
-    a.share_with(3);
+    // Three instances: this one (the last rank) keeps to 10 / 3 = 3 of the window, and the 4
+    // already used leave it nothing until they expire.
+    a.share_with(crate::domain::share::Share::new(3, 2));
     assert!(reserve(&mut a, M, 1, T0 + 11).is_err());
     let later = T0 + 70_000;
     for i in 0..3 {
@@ -1963,4 +1967,40 @@ fn out_of_reach_of_the_shared_ledger_an_instance_keeps_to_its_share_and_reports_
         granted(&mut a, M, 1, later + 8 + i);
     }
     assert!(reserve(&mut a, M, 1, later + 20).is_err(), "10 in all");
+}
+
+#[test]
+fn a_lost_ledger_is_seeded_again_full_for_the_time_it_was_out_of_sight_whatever_the_share() {
+    let spec = spec(vec![
+        sliding(LimitKind::Requests, 10, PER_64S),
+        named(NamedLimit::Concurrent, 3),
+    ]);
+    let mut a = open(&spec);
+    a.set_owner(1);
+    let id = granted(&mut a, M, 1, T0);
+    commit(&mut a, id, Usage::RequestOnly, T0);
+    // Out of reach: a third of every limit (this rank gets 4 of 10 requests, 1 of 3 slots).
+    let share = crate::domain::share::Share::new(3, 0);
+    a.share_with(share);
+    assert_eq!(share.part(10), 4);
+    let id = granted(&mut a, M, 1, T0 + 1);
+    commit(&mut a, id, Usage::RequestOnly, T0 + 1);
+    // Redis came back empty: this instance seeds the ledger, charged for the 10 s it could not
+    // see — the whole window, not its part of it — and keeps to no share any more.
+    a.reseed(Some(10_000), T0 + 10_000);
+    assert!(!a.is_sharing());
+    assert_eq!(a.windows()[0].used(), 10, "every request the window allows");
+    assert!(reserve(&mut a, M, 1, T0 + 10_001).is_err());
+    // Nothing it never saw is charged when it never saw the ledger at all.
+    let mut fresh = open(&spec);
+    fresh.share_with(share);
+    fresh.reseed(None, T0);
+    assert_eq!(fresh.windows()[0].used(), 0);
+    for t in 0..3 {
+        granted(&mut fresh, M, 1, T0 + t);
+    }
+    assert!(
+        reserve(&mut fresh, M, 1, T0 + 4).is_err(),
+        "every concurrency slot again, and only those"
+    );
 }

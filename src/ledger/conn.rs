@@ -34,7 +34,7 @@ pub enum RedisProblem {
 #[derive(Clone)]
 pub enum RedisTarget {
     Standalone(redis::Client),
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -71,7 +71,7 @@ impl RedisTarget {
                 }
                 builder
                     .build()
-                    .map(|c| Some(RedisTarget::Cluster(c)))
+                    .map(|c| Some(RedisTarget::Cluster(Box::new(c))))
                     .map_err(|_| RedisProblem::BadAddress(config.host.clone()))
             }
         }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::clock::LedgerClock;
 use super::conn::{classify, RedisConn, RedisProblem, RedisTarget};
 use super::scripts::{self, Loaded, Swapped};
+use crate::domain::share::{rank_for, Share};
 use crate::metrics::LedgerMetrics;
 
 /// How often an instance says it is alive.
@@ -31,8 +32,10 @@ struct Inner {
     clock: Arc<LedgerClock>,
     /// `None` until the first connection succeeds (Redis may be down at start).
     conn: Mutex<Option<RedisConn>>,
-    /// Live instances as last counted (at least 1: this one).
+    /// Live instances as last counted (at least 1: this one), and this one's rank among them
+    /// (by id).
     live: AtomicU64,
+    rank: AtomicU64,
     up: AtomicBool,
     metrics: LedgerMetrics,
 }
@@ -75,6 +78,7 @@ impl LedgerLink {
             clock,
             conn: Mutex::new(conn),
             live: AtomicU64::new(instances_hint.max(1)),
+            rank: AtomicU64::new(0),
             up: AtomicBool::new(true),
             metrics,
         }));
@@ -109,8 +113,14 @@ impl LedgerLink {
             .await;
         if let Ok((now, live)) = result {
             self.0.clock.observe(now);
-            self.0.live.store(live.max(1), Ordering::Relaxed);
-            self.0.metrics.instances.set(live as i64);
+            let rank = live.iter().position(|i| *i == self.0.instance_id);
+            self.0
+                .live
+                .store((live.len() as u64).max(1), Ordering::Relaxed);
+            self.0
+                .rank
+                .store(rank.unwrap_or(0) as u64, Ordering::Relaxed);
+            self.0.metrics.instances.set(live.len() as i64);
         }
     }
 
@@ -212,6 +222,16 @@ impl LedgerLink {
     /// Live instances, as last counted (at least 1).
     pub fn live_instances(&self) -> u64 {
         self.0.live.load(Ordering::Relaxed).max(1)
+    }
+
+    /// This instance's share of a limit while the ledgers are out of reach, for `account_id`
+    /// (see [`crate::domain::share`]): its rank among the live instances as last counted.
+    pub fn share_for(&self, account_id: &str) -> Share {
+        let live = self.live_instances();
+        Share::new(
+            live,
+            rank_for(account_id, self.0.rank.load(Ordering::Relaxed)),
+        )
     }
 
     /// This instance's lease-owner tag.

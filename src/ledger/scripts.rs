@@ -68,7 +68,7 @@ return {1, now}
 });
 
 /// `BEAT(instances; id, ttl_ms)`: records the instance alive now, forgets instances silent for
-/// `ttl_ms` → `{now, live}`.
+/// `ttl_ms` → `{now, id, id, …}` (every live instance).
 static BEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -78,7 +78,9 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[1], ttl * 10)
-return {now, redis.call('ZCARD', KEYS[1])}
+local reply = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.insert(reply, 1, now)
+return reply
 ",
     )
 });
@@ -138,19 +140,26 @@ pub async fn swap(
     })
 }
 
-/// Records instance `id` alive; answers Redis' time and how many instances beat within `ttl`.
+/// Records instance `id` alive; answers Redis' time and the ids of the instances that beat within
+/// `ttl`, sorted.
 pub async fn beat(
     conn: &mut RedisConn,
     id: &str,
     ttl: Duration,
-) -> redis::RedisResult<(Millis, u64)> {
+) -> redis::RedisResult<(Millis, Vec<String>)> {
     let reply: Vec<Value> = BEAT
         .key(INSTANCES_KEY)
         .arg(id)
         .arg(ttl.as_millis() as u64)
         .invoke_async(conn)
         .await?;
-    Ok((int(reply.first())?, int(reply.get(1))?.max(0) as u64))
+    let now = int(reply.first())?;
+    let mut live = reply[1..]
+        .iter()
+        .map(|v| text(Some(v)).map(Option::unwrap_or_default))
+        .collect::<redis::RedisResult<Vec<String>>>()?;
+    live.sort();
+    Ok((now, live))
 }
 
 /// Removes instance `id` from the live ones (a clean stop).

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod load;
 pub mod services;
 pub mod specs;
 pub mod status;

@@ -316,7 +316,7 @@ impl Handler<Commit> for AccountActor {
         self.operate(
             ctx,
             move |a, now, ev| {
-                a.commit(msg.reservation, msg.usage.clone(), now, ev);
+                a.commit(msg.reservation, msg.usage, now, ev);
                 if let Some(fb) = &msg.feedback {
                     a.feedback(fb, now, ev);
                 }

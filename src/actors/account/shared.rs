@@ -260,10 +260,10 @@ impl AccountActor {
             return;
         }
         log::debug!(event = "account_degraded", account_id = &*self.who.account_id; "{why}");
-        let instances = shared.link.live_instances();
+        let share = shared.link.share_for(&self.who.account_id);
         shared.link.metrics().degraded_accounts.inc();
         self.roll_back();
-        self.account.share_with(instances);
+        self.account.share_with(share);
         if let Some(shared) = self.shared.as_mut() {
             shared.degraded = true;
         }

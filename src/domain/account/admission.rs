@@ -81,7 +81,10 @@ impl Account {
                 });
             }
         }
-        if quota == Err(false) {
+        // Exhausted by settled usage: until the reset. Held only by work in flight (reserved
+        // or leased tokens may come back unused): like a full concurrency limit, for now.
+        let quota_held = quota == Err(false) && !self.quota.exhausted_by_use(estimate);
+        if quota == Err(false) && !quota_held {
             return Err(Denial::QuotaExceeded {
                 reset_at: self.quota.reset_at(),
             });
@@ -94,6 +97,9 @@ impl Account {
             Some((_, _, l)) => held = Some((label.clone(), at, *l || lower)),
             None => held = Some((label.clone(), at, lower)),
         };
+        if quota_held {
+            hold(&Arc::from("quota"), now + self.expected_latency(now), true);
+        }
         for w in self.windows.iter().filter(|w| w.applies_to(model)) {
             match w.check(units(w.kind(), need.requests, estimate), now) {
                 Ok(()) => {}
@@ -132,7 +138,7 @@ impl Account {
             _ => {}
         }
         if let Some(limit) = self.concurrent {
-            if self.inflight + need.slots > limit {
+            if self.inflight + need.slots > self.concurrency_cap(limit) {
                 hold(
                     &Arc::from("concurrent"),
                     now + self.expected_latency(now),
@@ -141,7 +147,7 @@ impl Account {
             }
         }
         if let Some(m) = self.model_slots.iter().find(|m| &*m.model == model) {
-            if m.inflight + need.slots > m.limit {
+            if m.inflight + need.slots > self.concurrency_cap(m.limit) {
                 hold(
                     &Arc::from(format!("{model}:concurrent")),
                     now + self.expected_latency(now),

@@ -39,8 +39,8 @@ impl Account {
         next.next_lease = self.next_lease;
         next.owner = self.owner;
         next.unshared_use = std::mem::take(&mut self.unshared_use);
-        if let Some(n) = self.share {
-            next.share_with(n);
+        if let Some(share) = self.share {
+            next.share_with(share);
         }
         let leases: Vec<(u64, Lease)> = next.leases.drain().collect();
         for (id, mut lease) in leases {

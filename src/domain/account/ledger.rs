@@ -196,12 +196,13 @@ impl Account {
         let mut room = Units {
             requests: u64::MAX,
             tokens: self.quota.remaining(),
-            slots: self
-                .concurrent
-                .map_or(u64::MAX, |c| c.saturating_sub(self.inflight)),
+            slots: self.concurrent.map_or(u64::MAX, |c| {
+                self.concurrency_cap(c).saturating_sub(self.inflight)
+            }),
         };
         if let Some(m) = self.model_slots.iter().find(|m| &*m.model == model) {
-            room.slots = room.slots.min(m.limit.saturating_sub(m.inflight));
+            let cap = self.concurrency_cap(m.limit);
+            room.slots = room.slots.min(cap.saturating_sub(m.inflight));
         }
         for w in self.windows.iter().filter(|w| w.applies_to(model)) {
             let left = w.remaining(now);

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::lease::Units;
 use super::limits::{LimitKind, NamedLimit};
 use super::quota::Quota;
+use super::share::Share;
 use super::time::Millis;
 use super::window::Window;
 
@@ -96,9 +97,9 @@ pub struct Account {
     next_lease: u64,
     /// The instance whose leases this process grants (0 without shared ledgers).
     owner: u64,
-    /// While the shared ledger is out of reach: the instances sharing the account, this one
-    /// keeping to a `1 / n` part of every limit's room (see `shared`). `None` otherwise.
-    share: Option<u64>,
+    /// While the shared ledger is out of reach: this instance's part of every limit (see
+    /// `shared`). `None` otherwise.
+    share: Option<Share>,
     /// Usage this instance admitted while out of reach of the shared ledger, per model: reported
     /// to the ledger when it is back.
     unshared_use: Vec<(Arc<str>, Units, Millis)>,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Account, AccountState, Circuit, Lease};
 use crate::domain::lease::Units;
+use crate::domain::share::Share;
 use crate::domain::time::Millis;
 
 /// One lease as the shared ledger stores it.
@@ -129,20 +130,25 @@ impl Account {
         self.version = shared.counters.version;
     }
 
-    /// Out of reach of the shared ledger, with `instances` live instances (at least 1): from now
-    /// on this instance keeps to a `1 / instances` part of every window's limit and of the quota
-    /// left, and remembers what it admits.
-    pub fn share_with(&mut self, instances: u64) {
-        let n = instances.max(1);
-        self.share = Some(n);
+    /// Out of reach of the shared ledger: from now on this instance keeps to `share` of every
+    /// window's limit, of the concurrency limits and of the quota left, and remembers what it
+    /// admits (the parts of all live instances add up to each limit: together they stay within
+    /// it whatever each does meanwhile).
+    pub fn share_with(&mut self, share: Share) {
+        self.share = Some(share);
         for w in &mut self.windows {
-            w.set_share(n);
+            w.set_share(share);
         }
-        self.quota.set_share_cap(if n > 1 {
-            Some(self.quota.committed_and_reserved() + self.quota.remaining() / n)
+        self.quota.set_share_cap(if share.instances > 1 {
+            Some(self.quota.committed_and_reserved() + share.part(self.quota.remaining()))
         } else {
             None
         });
+    }
+
+    /// The part of a concurrency limit this instance keeps to now.
+    pub(super) fn concurrency_cap(&self, limit: u64) -> u64 {
+        self.share.map_or(limit, |s| s.part(limit))
     }
 
     /// Whether this instance is keeping to a share (the shared ledger is out of reach).
@@ -200,18 +206,19 @@ impl Account {
     /// to charge. The usage admitted on a share is in the counters already: it keeps to no share
     /// from now on.
     pub fn reseed(&mut self, stale_ms: Option<Millis>, now: Millis) {
+        // The whole limits first: the charge fills them, not this instance's part of them.
+        self.unshared_use.clear();
+        self.stop_sharing();
         if let Some(stale) = stale_ms {
             self.charge_gap(stale, now);
         }
-        self.unshared_use.clear();
-        self.stop_sharing();
         self.touch();
     }
 
     fn stop_sharing(&mut self) {
         self.share = None;
         for w in &mut self.windows {
-            w.set_share(1);
+            w.set_share(Share::WHOLE);
         }
         self.quota.set_share_cap(None);
     }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::limits::{LimitKind, LimitSpec};
 use super::schedule::Schedule;
+use super::share::Share;
 use super::time::{duration_ms, Millis};
 
 /// Sliding windows keep at most this many buckets (plus one partial).
@@ -143,9 +144,9 @@ pub struct Window {
     buckets: VecDeque<Bucket>,
     period_end: Millis,
     ceiling: Option<Ceiling>,
-    /// This process keeps to `1 / share` of the limit (instances sharing the limit while their
-    /// shared ledger is out of reach); 1 otherwise.
-    share: u64,
+    /// The part of the limit this process keeps to (instances sharing the limit while their
+    /// shared ledger is out of reach); the whole otherwise.
+    share: Share,
 }
 
 impl Window {
@@ -171,18 +172,18 @@ impl Window {
             buckets: VecDeque::new(),
             period_end,
             ceiling: None,
-            share: 1,
+            share: Share::WHOLE,
         }))
     }
 
     /// The limit this process keeps to: the whole, or its share (see [`Window::set_share`]).
     fn cap(&self) -> u64 {
-        self.def.limit / self.share
+        self.share.part(self.def.limit)
     }
 
-    /// Keeps to a `1 / share` part of the limit from now on (1: the whole limit).
-    pub fn set_share(&mut self, share: u64) {
-        self.share = share.max(1);
+    /// Keeps to `share` of the limit from now on ([`Share::WHOLE`]: the whole limit).
+    pub fn set_share(&mut self, share: Share) {
+        self.share = share;
     }
 
     /// Forgets the units in flight (a ledger replaced by a shared one recounts its leases).
