@@ -198,6 +198,75 @@ async fn three_instances_never_trip_a_strict_upstream_and_admit_nearly_all_it_al
         assert_eq!(status, 200);
         assert!(body.contains("\"ledger\":\"shared\""), "{body}");
     }
+    // The database copy is the ledger's: once the workers gave their idle units back and every
+    // instance flushed, each account's row holds the ledger's latest version.
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let http = common::Http::new();
+    for g in &gateways {
+        let r = http
+            .send(
+                "POST",
+                &format!("{}/api/v1/admin/flush", g.url()),
+                Some(ADMIN_TOKEN),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{r}");
+    }
+    let ledger = ledger_versions(&shared).await;
+    let database = database_versions(&shared.database_url);
+    assert_eq!(ledger.len(), ACCOUNTS as usize, "{ledger:?}");
+    assert_eq!(database, ledger, "database copy vs ledger versions");
+}
+
+/// Each account's ledger version in Redis.
+async fn ledger_versions(shared: &Shared) -> std::collections::BTreeMap<String, u64> {
+    let config = quotagate::config::RedisConfig {
+        host: shared.redis_host.clone(),
+        db: shared.redis_db,
+        ..Default::default()
+    };
+    let target = quotagate::ledger::RedisTarget::from_config(&config)
+        .unwrap()
+        .unwrap();
+    let link = quotagate::ledger::LedgerLink::start(
+        target,
+        Duration::from_secs(2),
+        "reader".into(),
+        std::sync::Arc::new(quotagate::ledger::LedgerClock::new(std::sync::Arc::new(
+            quotagate::domain::time::SystemClock,
+        ))),
+        quotagate::metrics::Metrics::new().ledger,
+        1,
+    )
+    .await;
+    let mut versions = std::collections::BTreeMap::new();
+    for id in database_versions(&shared.database_url).keys() {
+        if let Some(value) = link.load(id).await.unwrap().value {
+            versions.insert(id.clone(), quotagate::ledger::split(&value).unwrap().0);
+        }
+    }
+    versions
+}
+
+/// Each account's saved state version in the database.
+fn database_versions(url: &str) -> std::collections::BTreeMap<String, u64> {
+    use diesel::{Connection, QueryableByName, RunQueryDsl};
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        account_id: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        version: i64,
+    }
+    let mut conn = diesel::PgConnection::establish(url).unwrap();
+    diesel::sql_query("SELECT account_id, version FROM account_state")
+        .load::<Row>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.account_id, r.version as u64))
+        .collect()
 }
 
 #[actix_rt::test]

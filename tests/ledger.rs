@@ -349,3 +349,25 @@ async fn redis_time_decides_whatever_the_instances_clocks_say() {
     );
     held.guard.release();
 }
+
+#[actix::test]
+#[ignore = "needs redis: run scripts/test"]
+async fn an_operators_reset_on_one_instance_resets_the_account_for_every_instance() {
+    let redis = standalone();
+    let rpm = vec![limit(LimitKind::Requests, 3, Some(60))];
+    let a = instance(&redis, "a", system(), rpm.clone()).await;
+    let b = instance(&redis, "b", system(), rpm).await;
+    for _ in 0..3 {
+        let mut guard = acquire(&a).await.unwrap().guard;
+        guard.mark_sent();
+        guard
+            .commit_confirmed(Usage::Reported(5), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(used(&b, "rpm").await, 3);
+    a.qs.reset_account("shared-account").await.unwrap();
+    assert_eq!(used(&b, "rpm").await, 0, "b reads the reset ledger");
+    let lease = acquire(&b).await.expect("b admits again at once");
+    lease.guard.release();
+}
