@@ -265,15 +265,14 @@ async fn start_runtime(
         .collect();
     let plan = restore::plan(
         store,
-        None,
         &ids,
-        (config.sync.redis_interval, config.sync.database_interval),
+        config.sync.database_interval,
         mark::read(&config.data_dir),
         SystemClock.now_ms(),
     )
     .await?;
     log::info!(
-        event = "restore", clean = plan.clean, from_redis = plan.from_redis, from_database = plan.from_database;
+        event = "restore", clean = plan.clean, from_database = plan.from_database;
         "restored account state"
     );
     let arbiters = match config.runtime.arbiters {
@@ -343,21 +342,14 @@ fn refresh_credentials(credentials: Credentials, store: Store) {
     });
 }
 
-/// How often the sync ticks (and the crash mark says the process is alive): the shorter
-/// interval of the copies in use.
+/// How often the sync ticks (and the crash mark says the process is alive): the database is the
+/// only copy it writes.
 fn sync_tick(config: &Config) -> Duration {
-    if config.redis.host.trim().is_empty() {
-        config.sync.database_interval
-    } else {
-        config
-            .sync
-            .redis_interval
-            .min(config.sync.database_interval)
-    }
+    config.sync.database_interval
 }
 
-/// Starts the periodic sync of account state to the database and Redis (and, when the runtime
-/// has an admission gate, marks the runtime idle once everything is synced).
+/// Starts the periodic sync of account state to the database (and, when the runtime has an
+/// admission gate, marks the runtime idle once everything is synced).
 fn start_syncer(
     config: &Config,
     runtime: &QuotaSystem,
@@ -367,9 +359,7 @@ fn start_syncer(
     Syncer::new(
         runtime.clone(),
         store.clone(),
-        None,
         SyncSettings {
-            redis_interval: config.sync.redis_interval,
             database_interval: config.sync.database_interval,
         },
         metrics.clone(),
