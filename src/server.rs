@@ -191,7 +191,7 @@ async fn serve(config: Config) -> Result<(), String> {
             if let Some(ledger) = &ledger {
                 ledger.leave().await;
             }
-            mark_clean(&store).await?;
+            mark_clean(&store, &config.instance.id).await?;
         }
         Ok(_) => {
             // What this instance admitted on its share is in no ledger yet: the next start
@@ -265,6 +265,7 @@ async fn start_runtime(
         .collect();
     let plan = restore::plan(
         store,
+        &config.instance.id,
         &ids,
         config.sync.database_interval,
         mark::read(&config.data_dir),
@@ -361,6 +362,7 @@ fn start_syncer(
         store.clone(),
         SyncSettings {
             database_interval: config.sync.database_interval,
+            instance_id: config.instance.id.clone(),
         },
         metrics.clone(),
     )
@@ -392,12 +394,14 @@ async fn start_ledger(
     Ok(link)
 }
 
-/// Writes the clean-shutdown mark: the next start restores exactly.
-pub async fn mark_clean(store: &Store) -> Result<(), String> {
+/// Writes this instance's clean-shutdown mark (`instance_id` is `instance.id`): its next start
+/// restores exactly. Other instances on the same database keep their own marks.
+pub async fn mark_clean(store: &Store, instance_id: &str) -> Result<(), String> {
     let store = store.clone();
+    let key = settings::shutdown_mark(instance_id);
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().map_err(|e| e.to_string())?;
-        settings::put(&mut conn, settings::SHUTDOWN_MARK, "clean").map_err(|e| e.to_string())
+        settings::put(&mut conn, &key, "clean").map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?

@@ -128,9 +128,9 @@ async fn boot(config: &Config) -> Node {
 }
 
 /// What a graceful shutdown does after the HTTP server stopped.
-async fn stop_cleanly(node: Node) {
+async fn stop_cleanly(node: Node, config: &Config) {
     node.syncer.send(Flush).await.unwrap().unwrap();
-    mark_clean(&node.store).await.unwrap();
+    mark_clean(&node.store, &config.instance.id).await.unwrap();
     node.runtime.shutdown();
 }
 
@@ -200,7 +200,7 @@ async fn clean_restart(database_url: String, with_redis: bool, empty_redis_befor
     let config = config(dir.path(), &database_url, redis_url.as_deref());
     let node = boot(&config).await;
     use_the_account(&node).await;
-    stop_cleanly(node).await;
+    stop_cleanly(node, &config).await;
     if let (Some(url), true) = (&redis_url, empty_redis_before_restart) {
         let mut conn = redis::Client::open(url.as_str())
             .unwrap()
@@ -399,7 +399,8 @@ async fn postgres_going_away_and_coming_back_costs_no_request_and_the_sync_catch
         stored, used,
         "the database caught up with every request served meanwhile"
     );
-    let mark = settings::get(&mut node.store.conn().unwrap(), settings::SHUTDOWN_MARK).unwrap();
+    let key = settings::shutdown_mark(&config.instance.id);
+    let mark = settings::get(&mut node.store.conn().unwrap(), &key).unwrap();
     assert_eq!(mark.as_deref(), Some("running"));
     node.runtime.shutdown();
 }

@@ -1,5 +1,5 @@
-//! Restore on start: each account's saved state from the database's copy and, when the
-//! previous process left no clean-shutdown mark, the unknown gap to charge.
+//! Restore on start: each account's saved state from the database's copy and, when this
+//! instance's previous process left no clean-shutdown mark, the unknown gap to charge.
 //!
 //! The copy: every instance writes an account's row from its own view of the account (with Redis,
 //! the ledger as last agreed, under the ledger's version), and the database keeps the higher
@@ -7,8 +7,11 @@
 //! the live state: an account that finds its ledger takes it, and what is restored here only seeds
 //! a ledger Redis no longer holds.
 //!
-//! The gap: the heartbeat says until when everything the previous process admitted was written
-//! to the database. The process died before its next sign of life — its next sync tick
+//! The marks are this instance's (`settings::shutdown_mark`, `settings::heartbeat`): several
+//! instances can share one database, and one's clean stop must not hide another's crash.
+//!
+//! The gap: this instance's heartbeat says until when everything it admitted was written to the
+//! database. The process died before its next sign of life — its next sync tick
 //! (`heartbeat + interval`) or the next write of the crash mark in `data_dir` (`alive_at + every`,
 //! written whatever the database does), whichever is later; what happened between the heartbeat
 //! and that moment is unknown and is charged. No gap is charged when the crash mark says the
@@ -29,7 +32,7 @@ use crate::actors::supervisor::Restored;
 use crate::domain::account::AccountState;
 use crate::domain::time::{duration_ms, Millis};
 use crate::mark::Mark;
-use crate::store::{accounts, settings, state, Store};
+use crate::store::{accounts, settings, state, DbConn, Store, StoreError};
 
 /// What a start restores.
 #[derive(Debug, Default)]
@@ -41,7 +44,7 @@ pub struct RestorePlan {
     pub from_database: usize,
 }
 
-/// The database's copy of the saved states, and its heartbeat.
+/// The database's copy of the saved states, and this instance's heartbeat.
 #[derive(Debug, Default)]
 struct StateCopy {
     states: HashMap<Arc<str>, AccountState>,
@@ -52,16 +55,18 @@ struct StateCopy {
     heartbeat: Option<Millis>,
 }
 
-/// Reads the database's copy and plans the restore of `accounts`, given the crash mark the
-/// previous process left in `data_dir` (if any). `interval` is `sync.database_interval`.
+/// Reads the database's copy and this instance's marks, and plans the restore of `accounts`,
+/// given the crash mark the previous process left in `data_dir` (if any). `interval` is
+/// `sync.database_interval`; `instance_id` names this instance (`instance.id`).
 pub async fn plan(
     store: &Store,
+    instance_id: &str,
     accounts: &[Arc<str>],
     interval: Duration,
     mark: Option<Mark>,
     now: Millis,
 ) -> Result<RestorePlan, String> {
-    let (database, ending) = read_database(store.clone()).await?;
+    let (database, ending) = read_database(store.clone(), instance_id.to_string()).await?;
     Ok(choose(
         &database,
         Previous {
@@ -75,10 +80,10 @@ pub async fn plan(
     ))
 }
 
-/// How the previous process ended, as the database's shutdown mark says.
+/// How this instance's previous process ended, as its shutdown mark says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
-    /// No process ever started on this database.
+    /// No process of this instance ever started on this database.
     FirstStart,
     Clean,
     /// It started, and did not leave the clean-shutdown mark.
@@ -88,9 +93,10 @@ enum Ending {
 /// How the previous process ended, as far as the database and `data_dir` tell.
 #[derive(Debug, Clone, Copy)]
 struct Previous {
-    /// The database holds the clean-shutdown mark.
+    /// The database holds this instance's clean-shutdown mark.
     clean: bool,
-    /// A process ran on this database before (it left a shutdown mark, clean or not).
+    /// A process of this instance ran on this database before (it left a shutdown mark, clean or
+    /// not).
     ran: bool,
     mark: Option<Mark>,
     /// `sync.database_interval`: the previous process wrote the copy at least this often.
@@ -174,14 +180,13 @@ fn choose(
     plan
 }
 
-/// Reads the copy and the marks, and sets the shutdown mark to `running`.
-async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
+/// Reads the copy and this instance's marks, and sets its shutdown mark to `running`.
+async fn read_database(store: Store, instance_id: String) -> Result<(StateCopy, Ending), String> {
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().map_err(|e| e.to_string())?;
-        let ending = match settings::get(&mut conn, settings::SHUTDOWN_MARK)
-            .map_err(|e| e.to_string())?
-            .as_deref()
-        {
+        let (shutdown_mark, heartbeat) =
+            read_marks(&mut conn, &instance_id).map_err(|e| e.to_string())?;
+        let ending = match shutdown_mark.as_deref() {
             None => Ending::FirstStart,
             Some("clean") => Ending::Clean,
             Some(_) => Ending::Unclean,
@@ -191,9 +196,7 @@ async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
             .into_iter()
             .map(|(id, at)| (Arc::from(id.as_str()), at.and_utc().timestamp_millis()))
             .collect();
-        let heartbeat = settings::get(&mut conn, settings::HEARTBEAT)
-            .map_err(|e| e.to_string())?
-            .and_then(|v| v.parse().ok());
+        let heartbeat = heartbeat.and_then(|v| v.parse().ok());
         let mut states = HashMap::new();
         let mut unreadable = HashMap::new();
         for row in state::list(&mut conn).map_err(|e| e.to_string())? {
@@ -212,7 +215,8 @@ async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
             }
         }
         // From now on a stop without a final flush must be detectable.
-        settings::put(&mut conn, settings::SHUTDOWN_MARK, "running").map_err(|e| e.to_string())?;
+        settings::put(&mut conn, &settings::shutdown_mark(&instance_id), "running")
+            .map_err(|e| e.to_string())?;
         Ok((
             StateCopy {
                 states,
@@ -225,6 +229,24 @@ async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// This instance's shutdown mark and heartbeat, as stored. An instance that has no mark of its own
+/// yet reads the legacy global pair instead, which a version before instance ids wrote: a
+/// single-instance deployment then restores exactly across the upgrade (the two are read as a
+/// pair, so a heartbeat always belongs to the mark it is read with).
+fn read_marks(
+    conn: &mut DbConn,
+    instance_id: &str,
+) -> Result<(Option<String>, Option<String>), StoreError> {
+    if let Some(own) = settings::get(conn, &settings::shutdown_mark(instance_id))? {
+        let heartbeat = settings::get(conn, &settings::heartbeat(instance_id))?;
+        return Ok((Some(own), heartbeat));
+    }
+    Ok((
+        settings::get(conn, settings::LEGACY_SHUTDOWN_MARK)?,
+        settings::get(conn, settings::LEGACY_HEARTBEAT)?,
+    ))
 }
 
 #[cfg(test)]

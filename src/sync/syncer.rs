@@ -1,6 +1,7 @@
 //! `Syncer`: every `sync.database_interval` it collects the accounts whose state changed and
-//! writes them (and their `quota_used` / `last_reset`) to the database in one transaction, with a
-//! heartbeat, even when nothing changed: the heartbeat bounds what a crash can leave unknown.
+//! writes them (and their `quota_used` / `last_reset`) to the database in one transaction, with
+//! this instance's heartbeat (`settings::heartbeat`), even when nothing changed: the heartbeat
+//! bounds what a crash of this instance can leave unknown.
 //!
 //! Each state is this instance's view of the account: with Redis, the ledger as last agreed,
 //! under the ledger's version. Several instances write the same rows; the database keeps the
@@ -79,6 +80,8 @@ impl Link {
 pub struct SyncSettings {
     /// `sync.database_interval`: how often the sync ticks.
     pub database_interval: Duration,
+    /// `instance.id`: names the heartbeat this instance writes (see `settings::heartbeat`).
+    pub instance_id: String,
 }
 
 pub struct Syncer {
@@ -87,6 +90,8 @@ pub struct Syncer {
     clock: SharedClock,
     metrics: Metrics,
     database_interval: Millis,
+    /// The settings key of this instance's heartbeat.
+    heartbeat_key: String,
     /// States not yet written to the database (the latest per account).
     pending_database: HashMap<Arc<str>, AccountState>,
     database_link: Link,
@@ -110,6 +115,7 @@ impl Syncer {
             clock,
             metrics,
             database_interval: duration_ms(settings.database_interval),
+            heartbeat_key: settings::heartbeat(&settings.instance_id),
             pending_database: HashMap::new(),
             database_link: Link::new(now),
             last_database_tick: now,
@@ -189,7 +195,7 @@ impl Syncer {
         )
     }
 
-    /// Writes the pending states, usage counters and the heartbeat in one transaction.
+    /// Writes the pending states, usage counters and this instance's heartbeat in one transaction.
     fn write_database(
         &mut self,
         due: bool,
@@ -207,6 +213,7 @@ impl Syncer {
             .map(|(id, s)| (id.clone(), s.clone()))
             .collect();
         let store = self.store.clone();
+        let heartbeat_key = self.heartbeat_key.clone();
         let now = self.clock.now_ms();
         let write = tokio::task::spawn_blocking(move || {
             let mut conn = store.conn().map_err(|e| e.to_string())?;
@@ -231,7 +238,7 @@ impl Syncer {
                         to_datetime(s.quota.period_start).naive_utc(),
                     )?;
                 }
-                settings::put(conn, settings::HEARTBEAT, &now.to_string())
+                settings::put(conn, &heartbeat_key, &now.to_string())
             })
             .map_err(|e| e.to_string())?;
             Ok::<_, String>(
