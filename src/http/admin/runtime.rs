@@ -82,7 +82,7 @@ pub(super) async fn reset_account(
     tag = "admin",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Every account's state is written to the database (and Redis when on)", body = FlushView),
+        (status = 200, description = "Every account's state is written to the database", body = FlushView),
         (status = 503, description = "The database could not be written", body = ErrorBody),
     )
 )]
