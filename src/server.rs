@@ -191,7 +191,7 @@ async fn serve(config: Config) -> Result<(), String> {
             if let Some(ledger) = &ledger {
                 ledger.leave().await;
             }
-            mark_clean(&store).await?;
+            mark_clean(&store, &config.instance.id).await?;
         }
         Ok(_) => {
             // What this instance admitted on its share is in no ledger yet: the next start
@@ -265,15 +265,15 @@ async fn start_runtime(
         .collect();
     let plan = restore::plan(
         store,
-        None,
+        &config.instance.id,
         &ids,
-        (config.sync.redis_interval, config.sync.database_interval),
+        config.sync.database_interval,
         mark::read(&config.data_dir),
         SystemClock.now_ms(),
     )
     .await?;
     log::info!(
-        event = "restore", clean = plan.clean, from_redis = plan.from_redis, from_database = plan.from_database;
+        event = "restore", clean = plan.clean, from_database = plan.from_database;
         "restored account state"
     );
     let arbiters = match config.runtime.arbiters {
@@ -343,21 +343,14 @@ fn refresh_credentials(credentials: Credentials, store: Store) {
     });
 }
 
-/// How often the sync ticks (and the crash mark says the process is alive): the shorter
-/// interval of the copies in use.
+/// How often the sync ticks (and the crash mark says the process is alive): the database is the
+/// only copy it writes.
 fn sync_tick(config: &Config) -> Duration {
-    if config.redis.host.trim().is_empty() {
-        config.sync.database_interval
-    } else {
-        config
-            .sync
-            .redis_interval
-            .min(config.sync.database_interval)
-    }
+    config.sync.database_interval
 }
 
-/// Starts the periodic sync of account state to the database and Redis (and, when the runtime
-/// has an admission gate, marks the runtime idle once everything is synced).
+/// Starts the periodic sync of account state to the database (and, when the runtime has an
+/// admission gate, marks the runtime idle once everything is synced).
 fn start_syncer(
     config: &Config,
     runtime: &QuotaSystem,
@@ -367,10 +360,9 @@ fn start_syncer(
     Syncer::new(
         runtime.clone(),
         store.clone(),
-        None,
         SyncSettings {
-            redis_interval: config.sync.redis_interval,
             database_interval: config.sync.database_interval,
+            instance_id: config.instance.id.clone(),
         },
         metrics.clone(),
     )
@@ -402,12 +394,14 @@ async fn start_ledger(
     Ok(link)
 }
 
-/// Writes the clean-shutdown mark: the next start restores exactly.
-pub async fn mark_clean(store: &Store) -> Result<(), String> {
+/// Writes this instance's clean-shutdown mark (`instance_id` is `instance.id`): its next start
+/// restores exactly. Other instances on the same database keep their own marks.
+pub async fn mark_clean(store: &Store, instance_id: &str) -> Result<(), String> {
     let store = store.clone();
+    let key = settings::shutdown_mark(instance_id);
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().map_err(|e| e.to_string())?;
-        settings::put(&mut conn, settings::SHUTDOWN_MARK, "clean").map_err(|e| e.to_string())
+        settings::put(&mut conn, &key, "clean").map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?

@@ -1,6 +1,7 @@
 //! Persistence of the runtime's state with real Redis and databases: clean restarts restore
-//! exactly (from the ledgers in Redis, or from the database when Redis is empty or off), and the
-//! gateway keeps serving while Redis or Postgres go away and come back.
+//! exactly (from the ledgers in Redis, or from the database when Redis is empty or off), instances
+//! sharing one database keep their own clean-shutdown marks, and the gateway keeps serving while
+//! Redis or Postgres go away and come back.
 
 mod common;
 
@@ -85,6 +86,16 @@ fn redis_parts(url: &str) -> (String, i64) {
 }
 
 fn config(dir: &Path, database_url: &str, redis_url: Option<&str>) -> Config {
+    instance_config(dir, database_url, redis_url, "")
+}
+
+/// The config of the instance `instance` (`instance.id`; empty: the default id).
+fn instance_config(
+    dir: &Path,
+    database_url: &str,
+    redis_url: Option<&str>,
+    instance: &str,
+) -> Config {
     let redis = match redis_url {
         Some(url) => {
             let (host, db) = redis_parts(url);
@@ -96,6 +107,7 @@ fn config(dir: &Path, database_url: &str, redis_url: Option<&str>) -> Config {
         r#"
 database: {{ url: "{database_url}" }}
 {redis}
+instance: {{ id: "{instance}" }}
 runtime: {{ arbiters: 0 }}
 sync: {{ redis_interval: 100ms, database_interval: 200ms }}
 security: {{ master_key: "{key}" }}
@@ -128,9 +140,15 @@ async fn boot(config: &Config) -> Node {
 }
 
 /// What a graceful shutdown does after the HTTP server stopped.
-async fn stop_cleanly(node: Node) {
+async fn stop_cleanly(node: Node, config: &Config) {
     node.syncer.send(Flush).await.unwrap().unwrap();
-    mark_clean(&node.store).await.unwrap();
+    mark_clean(&node.store, &config.instance.id).await.unwrap();
+    node.runtime.shutdown();
+}
+
+/// A crash right after a sync tick: everything is in the database, no clean mark.
+async fn crash(node: Node) {
+    node.syncer.send(Flush).await.unwrap().unwrap();
     node.runtime.shutdown();
 }
 
@@ -200,7 +218,7 @@ async fn clean_restart(database_url: String, with_redis: bool, empty_redis_befor
     let config = config(dir.path(), &database_url, redis_url.as_deref());
     let node = boot(&config).await;
     use_the_account(&node).await;
-    stop_cleanly(node).await;
+    stop_cleanly(node, &config).await;
     if let (Some(url), true) = (&redis_url, empty_redis_before_restart) {
         let mut conn = redis::Client::open(url.as_str())
             .unwrap()
@@ -268,6 +286,74 @@ async fn without_the_clean_mark_the_restore_charges_the_unknown_gap() {
         .find(|s| s.limit_type == "rpm")
         .unwrap();
     assert_eq!(rpm.current, 3, "the gap is charged up to the window's room");
+    node.runtime.shutdown();
+}
+
+#[actix::test]
+async fn instances_on_one_database_keep_their_own_marks_so_a_clean_stop_hides_no_crash() {
+    let db = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = instance_config(dir_a.path(), &sqlite_url(&db), None, "a");
+    let b = instance_config(dir_b.path(), &sqlite_url(&db), None, "b");
+    // Both ran on this database before and stopped cleanly.
+    let store = open_store(&a).unwrap();
+    for id in ["a", "b"] {
+        settings::put(
+            &mut store.conn().unwrap(),
+            &settings::shutdown_mark(id),
+            "clean",
+        )
+        .unwrap();
+    }
+
+    let node = boot(&b).await;
+    use_the_account(&node).await;
+    crash(node).await;
+    // `a` starts after `b` crashed and stops cleanly: one database-wide mark would now say
+    // `clean`, and `b`'s crash would go uncharged.
+    stop_cleanly(boot(&a).await, &a).await;
+
+    let node = boot(&a).await;
+    assert_restored_exactly(&node).await;
+    stop_cleanly(node, &a).await;
+    let node = boot(&b).await;
+    let used = node.runtime.status("p/a").await.unwrap().current_usage;
+    assert!(
+        used > 30,
+        "`b` is charged the gap its crash left unknown: {used}"
+    );
+    node.runtime.shutdown();
+}
+
+#[actix::test]
+async fn after_an_upgrade_the_database_wide_marks_of_the_previous_version_still_count() {
+    let db = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = instance_config(dir.path(), &sqlite_url(&db), None, "a");
+    let node = boot(&config).await;
+    use_the_account(&node).await;
+    stop_cleanly(node, &config).await;
+    // What the previous version left: the database-wide marks only.
+    let store = open_store(&config).unwrap();
+    {
+        let mut conn = store.conn().unwrap();
+        let own = settings::shutdown_mark("a");
+        let mark = settings::get(&mut conn, &own).unwrap().unwrap();
+        let heartbeat = settings::heartbeat("a");
+        let beat = settings::get(&mut conn, &heartbeat).unwrap().unwrap();
+        settings::put(&mut conn, settings::LEGACY_SHUTDOWN_MARK, &mark).unwrap();
+        settings::put(&mut conn, settings::LEGACY_HEARTBEAT, &beat).unwrap();
+        assert!(settings::delete(&mut conn, &own).unwrap());
+        assert!(settings::delete(&mut conn, &heartbeat).unwrap());
+    }
+    let node = boot(&config).await;
+    assert_restored_exactly(&node).await;
+    let mine = settings::get(&mut store.conn().unwrap(), &settings::shutdown_mark("a")).unwrap();
+    assert_eq!(
+        mine.as_deref(),
+        Some("running"),
+        "from now on the instance's own mark"
+    );
     node.runtime.shutdown();
 }
 
@@ -399,7 +485,8 @@ async fn postgres_going_away_and_coming_back_costs_no_request_and_the_sync_catch
         stored, used,
         "the database caught up with every request served meanwhile"
     );
-    let mark = settings::get(&mut node.store.conn().unwrap(), settings::SHUTDOWN_MARK).unwrap();
+    let key = settings::shutdown_mark(&config.instance.id);
+    let mark = settings::get(&mut node.store.conn().unwrap(), &key).unwrap();
     assert_eq!(mark.as_deref(), Some("running"));
     node.runtime.shutdown();
 }

@@ -1,4 +1,5 @@
-//! Small named values: the admin token's hash, the clean-shutdown mark, the heartbeat.
+//! Small named values: the admin token's hash, the catalog version, and each instance's
+//! clean-shutdown mark and sync heartbeat.
 
 use diesel::prelude::*;
 
@@ -12,12 +13,36 @@ pub const ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 /// notices what another process (the CLI) changed and reloads.
 pub const CATALOG_VERSION: &str = "catalog_version";
 
-/// ms since the epoch of the last completed database sync tick.
-pub const HEARTBEAT: &str = "sync_heartbeat";
+/// Before instances had ids: the database's one sync heartbeat. No longer written; read only as
+/// the fallback described at [`shutdown_mark`].
+pub const LEGACY_HEARTBEAT: &str = "sync_heartbeat";
 
-/// Present with the value `clean` after a graceful shutdown flushed everything; any other value
-/// (or none) at start means the previous process stopped without it.
-pub const SHUTDOWN_MARK: &str = "shutdown_mark";
+/// Before instances had ids: the database's one clean-shutdown mark. No longer written; read only
+/// as the fallback described at [`shutdown_mark`].
+pub const LEGACY_SHUTDOWN_MARK: &str = "shutdown_mark";
+
+/// The key of an instance's clean-shutdown mark, `shutdown_mark/<instance id>`: present with the
+/// value `clean` after a graceful shutdown flushed everything; any other value (or none) at start
+/// means that instance's previous process stopped without it.
+///
+/// Per instance because several instances can share one database: a single mark would let one
+/// instance's clean stop hide another's crash (whose unknown gap would then go uncharged).
+///
+/// Upgrade: an instance with no mark of its own yet reads [`LEGACY_SHUTDOWN_MARK`] and
+/// [`LEGACY_HEARTBEAT`] instead (what the single process before it wrote), so that a
+/// single-instance deployment keeps its exact restore across the upgrade.
+pub fn shutdown_mark(instance_id: &str) -> String {
+    format!("{LEGACY_SHUTDOWN_MARK}/{instance_id}")
+}
+
+/// The key of an instance's sync heartbeat, `sync_heartbeat/<instance id>`: ms since the epoch of
+/// its last completed database sync tick, until when the database holds what it admitted.
+///
+/// Per instance for the same reason as [`shutdown_mark`]: another instance's later heartbeat says
+/// nothing about until when this one's state was written.
+pub fn heartbeat(instance_id: &str) -> String {
+    format!("{LEGACY_HEARTBEAT}/{instance_id}")
+}
 
 /// Marks the catalog as changed (called by every function that writes it).
 pub fn bump_catalog(conn: &mut DbConn) -> Result<(), StoreError> {

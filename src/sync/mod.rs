@@ -1,18 +1,20 @@
-//! Persistence of the runtime's account state: periodic sync to Redis and the database, restore on
-//! start from whichever copy is newer, and the clean-shutdown mark.
+//! Persistence of the runtime's account state in the database: the periodic sync, the restore on
+//! start, and each instance's clean-shutdown mark and heartbeat.
 //!
-//! The state lives in the actors; these copies exist so a restart (clean or not) never resets a
-//! counter below the truth. After a clean stop the restore is exact. After a crash the interval
-//! since the last heartbeat is unknown and is charged conservatively (see
-//! `Account::charge_gap`), unless the crash mark in `data_dir` says nothing was admitted since
-//! the last complete copy ([`crate::mark`]).
+//! The database's copy is written from each instance's view of the account: without Redis, the
+//! actor's state; with Redis, the ledger as last agreed, under the ledger's version. Several
+//! instances write the same rows, and the database keeps the higher version. With Redis the
+//! ledger itself is the live state (see [`crate::ledger`]); the copy is what a start restores
+//! when Redis no longer holds an account's ledger, and all there is without Redis.
 //!
-//! Redis keys (the account id is a hash tag, so a Redis Cluster could shard by account later):
-//! - `quotagate:account:{<account id>}` — the account's state as JSON, with its version;
-//! - `quotagate:heartbeat` — ms since the epoch of the last completed sync tick.
+//! The copy exists so that a restart (clean or not) never resets a counter below the truth. After
+//! a clean stop the restore is exact. After a crash the interval since the instance's last
+//! heartbeat is unknown and is charged conservatively (see `Account::charge_gap`), unless the crash
+//! mark in `data_dir` says nothing was admitted since the last complete copy ([`crate::mark`]).
+//!
+//! The shutdown mark and the heartbeat are per instance (`settings::shutdown_mark`,
+//! `settings::heartbeat`): several instances can share one database, and one's clean stop must
+//! not hide another's crash.
 
-pub mod redis_link;
 pub mod restore;
 pub mod syncer;
-
-pub use redis_link::{classify, client, ping, RedisProblem};

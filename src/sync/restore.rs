@@ -1,20 +1,28 @@
-//! Restore on start: each account's saved state from whichever copy (Redis or the database) has the
-//! higher version — "newer" is the higher version, not the later clock — and, when the previous
-//! process left no clean-shutdown mark, the unknown gap to charge.
+//! Restore on start: each account's saved state from the database's copy and, when this
+//! instance's previous process left no clean-shutdown mark, the unknown gap to charge.
 //!
-//! The gap: each copy's heartbeat says until when everything was written there. The process died
-//! before its next sign of life — the next tick of a copy (`heartbeat + interval`) or of the crash
-//! mark in `data_dir` (`alive_at + every`, written whatever the copies do), whichever is latest;
-//! what happened between the chosen copy's heartbeat and that moment is unknown and is charged.
-//! No gap is charged when the crash mark says the runtime was idle (nothing admitted since the
-//! last complete copy: see [`super::mark`]).
+//! The copy: every instance writes an account's row from its own view of the account (with Redis,
+//! the ledger as last agreed, under the ledger's version), and the database keeps the higher
+//! version — "newer" is the higher version, not the later clock. With Redis the ledger itself is
+//! the live state: an account that finds its ledger takes it, and what is restored here only seeds
+//! a ledger Redis no longer holds.
 //!
-//! Accounts the copies miss are charged too: one with no copy at all that existed while the
+//! The marks are this instance's (`settings::shutdown_mark`, `settings::heartbeat`): several
+//! instances can share one database, and one's clean stop must not hide another's crash.
+//!
+//! The gap: this instance's heartbeat says until when everything it admitted was written to the
+//! database. The process died before its next sign of life — its next sync tick
+//! (`heartbeat + interval`) or the next write of the crash mark in `data_dir` (`alive_at + every`,
+//! written whatever the database does), whichever is later; what happened between the heartbeat
+//! and that moment is unknown and is charged. No gap is charged when the crash mark says the
+//! runtime was idle (nothing admitted since the last complete copy: see [`crate::mark`]).
+//!
+//! Accounts the copy misses are charged too: one with no row at all that existed while the
 //! previous process ran (created, or never synced, since the last complete copy) gets the gap
-//! since the latest heartbeat or its creation, whichever is later; one whose copy cannot be read
-//! gets every window filled (its counters are unknown), and a version above the unreadable
-//! copy's, so that its next writes are not refused as older. The very first start, and accounts
-//! created since the previous process died, are charged nothing.
+//! since the heartbeat or its creation, whichever is later; one whose row cannot be read gets
+//! every window filled (its counters are unknown), and a version above the unreadable row's, so
+//! that its next writes are not refused as older. The very first start, and accounts created since
+//! the previous process died, are charged nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,12 +32,7 @@ use crate::actors::supervisor::Restored;
 use crate::domain::account::AccountState;
 use crate::domain::time::{duration_ms, Millis};
 use crate::mark::Mark;
-use crate::store::{accounts, settings, state, Store};
-
-use super::redis_link::{account_key, classify, HEARTBEAT_KEY};
-
-/// How long the restore waits for Redis before going on with the database alone.
-const REDIS_WAIT: Duration = Duration::from_secs(3);
+use crate::store::{accounts, settings, state, DbConn, Store, StoreError};
 
 /// What a start restores.
 #[derive(Debug, Default)]
@@ -37,69 +40,50 @@ pub struct RestorePlan {
     pub saved: HashMap<Arc<str>, Restored>,
     /// The previous process stopped cleanly: restore exactly, charge nothing.
     pub clean: bool,
-    pub from_redis: usize,
+    /// Accounts restored from a readable row.
     pub from_database: usize,
 }
 
-/// One copy of the saved states (the database's or Redis's) and its heartbeat.
+/// The database's copy of the saved states, and this instance's heartbeat.
 #[derive(Debug, Default)]
 struct StateCopy {
     states: HashMap<Arc<str>, AccountState>,
-    /// When each account was created (the database's copy only).
+    /// When each account was created.
     created: HashMap<Arc<str>, Millis>,
-    /// Accounts whose saved state could not be read, with the version it was stored at (0 when
-    /// even that is unknown).
+    /// Accounts whose saved state could not be read, with the version it was stored at.
     unreadable: HashMap<Arc<str>, u64>,
     heartbeat: Option<Millis>,
 }
 
-/// Reads both copies and plans the restore of `accounts`, given the crash mark the previous
-/// process left (if any).
+/// Reads the database's copy and this instance's marks, and plans the restore of `accounts`,
+/// given the crash mark the previous process left in `data_dir` (if any). `interval` is
+/// `sync.database_interval`; `instance_id` names this instance (`instance.id`).
 pub async fn plan(
     store: &Store,
-    redis: Option<&redis::Client>,
+    instance_id: &str,
     accounts: &[Arc<str>],
-    intervals: (Duration, Duration),
+    interval: Duration,
     mark: Option<Mark>,
     now: Millis,
 ) -> Result<RestorePlan, String> {
-    let (redis_interval, database_interval) = intervals;
-    let (database, ending) = read_database(store.clone()).await?;
-    let from_redis = match redis {
-        Some(client) => {
-            match tokio::time::timeout(REDIS_WAIT, read_redis(client, accounts)).await {
-                Ok(Ok(copy)) => copy,
-                Ok(Err(problem)) => {
-                    log::warn!(event = "restore_redis_unavailable"; "restoring from the database only: {problem}");
-                    StateCopy::default()
-                }
-                Err(_) => {
-                    log::warn!(event = "restore_redis_unavailable"; "restoring from the database only: Redis did not answer within {REDIS_WAIT:?}");
-                    StateCopy::default()
-                }
-            }
-        }
-        None => StateCopy::default(),
-    };
+    let (database, ending) = read_database(store.clone(), instance_id.to_string()).await?;
     Ok(choose(
         &database,
-        &from_redis,
         Previous {
             clean: ending == Ending::Clean,
             ran: ending != Ending::FirstStart,
             mark,
-            redis_interval,
-            database_interval,
+            interval,
         },
         accounts,
         now,
     ))
 }
 
-/// How the previous process ended, as the database's shutdown mark says.
+/// How this instance's previous process ended, as its shutdown mark says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
-    /// No process ever started on this database.
+    /// No process of this instance ever started on this database.
     FirstStart,
     Clean,
     /// It started, and did not leave the clean-shutdown mark.
@@ -109,40 +93,35 @@ enum Ending {
 /// How the previous process ended, as far as the database and `data_dir` tell.
 #[derive(Debug, Clone, Copy)]
 struct Previous {
-    /// The database holds the clean-shutdown mark.
+    /// The database holds this instance's clean-shutdown mark.
     clean: bool,
-    /// A process ran on this database before (it left a shutdown mark, clean or not).
+    /// A process of this instance ran on this database before (it left a shutdown mark, clean or
+    /// not).
     ran: bool,
     mark: Option<Mark>,
-    redis_interval: Duration,
-    database_interval: Duration,
+    /// `sync.database_interval`: the previous process wrote the copy at least this often.
+    interval: Duration,
 }
 
-/// Picks the higher version per account and the gap to charge (pure, tested directly).
+/// Restores each account from the copy and picks the gap to charge (pure, tested directly).
 fn choose(
     database: &StateCopy,
-    redis: &StateCopy,
     previous: Previous,
     accounts: &[Arc<str>],
     now: Millis,
 ) -> RestorePlan {
-    // A mark older than the copies' last write was left by an earlier process (this one could
-    // not write its own): it says nothing about the last run.
-    let newest_copy = [database.heartbeat, redis.heartbeat]
-        .into_iter()
-        .flatten()
-        .max();
+    // A mark older than the copy's last write was left by an earlier process (this one could not
+    // write its own): it says nothing about the last run.
     let mut previous = previous;
-    previous.mark = previous
-        .mark
-        .filter(|m| newest_copy.is_none_or(|h| m.died_before().saturating_add(m.every_ms) >= h));
-    let died_before = [
-        redis
-            .heartbeat
-            .map(|h| h.saturating_add(duration_ms(previous.redis_interval))),
+    previous.mark = previous.mark.filter(|m| {
         database
             .heartbeat
-            .map(|h| h.saturating_add(duration_ms(previous.database_interval))),
+            .is_none_or(|h| m.died_before().saturating_add(m.every_ms) >= h)
+    });
+    let died_before = [
+        database
+            .heartbeat
+            .map(|h| h.saturating_add(duration_ms(previous.interval))),
         previous.mark.map(|m| m.died_before()),
     ]
     .into_iter()
@@ -152,11 +131,9 @@ fn choose(
     .min(now);
     let idle = previous.mark.is_some_and(|m| m.idle_since.is_some());
     let charged = !previous.clean && !idle;
-    // An account no copy holds was not there (or not changed) when the last copy was written.
-    let last_copy = [database.heartbeat, redis.heartbeat]
-        .into_iter()
-        .flatten()
-        .max()
+    // An account the copy does not hold was not there (or not changed) when it was last written.
+    let last_copy = database
+        .heartbeat
         .or(previous.mark.map(|m| m.started_at))
         .unwrap_or(died_before);
     let mut plan = RestorePlan {
@@ -166,38 +143,22 @@ fn choose(
     let ids: std::collections::HashSet<&Arc<str>> = accounts
         .iter()
         .chain(database.states.keys())
-        .chain(redis.states.keys())
         .chain(database.unreadable.keys())
-        .chain(redis.unreadable.keys())
         .collect();
     for id in ids {
-        let floor = [database.unreadable.get(id), redis.unreadable.get(id)]
-            .into_iter()
-            .flatten()
-            .max()
-            .copied();
-        let readable = match (database.states.get(id), redis.states.get(id)) {
-            (Some(d), Some(r)) if r.version > d.version => Some((r, redis, true)),
-            (Some(d), _) => Some((d, database, false)),
-            (None, Some(r)) => Some((r, redis, true)),
-            (None, None) => None,
-        };
-        let restored = match (readable, floor) {
-            (Some((state, copy, from_redis)), _) => {
-                if from_redis {
-                    plan.from_redis += 1;
-                } else {
-                    plan.from_database += 1;
-                }
-                let known_until = copy.heartbeat.unwrap_or(state.saved_at).max(state.saved_at);
-                let mut state = state.clone();
-                state.version = state.version.max(floor.unwrap_or(0));
+        let restored = match (database.states.get(id), database.unreadable.get(id)) {
+            (Some(state), _) => {
+                plan.from_database += 1;
+                let known_until = database
+                    .heartbeat
+                    .unwrap_or(state.saved_at)
+                    .max(state.saved_at);
                 Restored {
-                    state,
+                    state: state.clone(),
                     gap: charged.then(|| died_before.saturating_sub(known_until).max(0)),
                 }
             }
-            (None, Some(version)) => Restored {
+            (None, Some(&version)) => Restored {
                 state: AccountState::unreadable(version),
                 gap: charged.then(|| died_before.saturating_sub(last_copy).max(0)),
             },
@@ -219,13 +180,13 @@ fn choose(
     plan
 }
 
-async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
+/// Reads the copy and this instance's marks, and sets its shutdown mark to `running`.
+async fn read_database(store: Store, instance_id: String) -> Result<(StateCopy, Ending), String> {
     tokio::task::spawn_blocking(move || {
         let mut conn = store.conn().map_err(|e| e.to_string())?;
-        let ending = match settings::get(&mut conn, settings::SHUTDOWN_MARK)
-            .map_err(|e| e.to_string())?
-            .as_deref()
-        {
+        let (shutdown_mark, heartbeat) =
+            read_marks(&mut conn, &instance_id).map_err(|e| e.to_string())?;
+        let ending = match shutdown_mark.as_deref() {
             None => Ending::FirstStart,
             Some("clean") => Ending::Clean,
             Some(_) => Ending::Unclean,
@@ -235,9 +196,7 @@ async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
             .into_iter()
             .map(|(id, at)| (Arc::from(id.as_str()), at.and_utc().timestamp_millis()))
             .collect();
-        let heartbeat = settings::get(&mut conn, settings::HEARTBEAT)
-            .map_err(|e| e.to_string())?
-            .and_then(|v| v.parse().ok());
+        let heartbeat = heartbeat.and_then(|v| v.parse().ok());
         let mut states = HashMap::new();
         let mut unreadable = HashMap::new();
         for row in state::list(&mut conn).map_err(|e| e.to_string())? {
@@ -256,7 +215,8 @@ async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
             }
         }
         // From now on a stop without a final flush must be detectable.
-        settings::put(&mut conn, settings::SHUTDOWN_MARK, "running").map_err(|e| e.to_string())?;
+        settings::put(&mut conn, &settings::shutdown_mark(&instance_id), "running")
+            .map_err(|e| e.to_string())?;
         Ok((
             StateCopy {
                 states,
@@ -271,51 +231,22 @@ async fn read_database(store: Store) -> Result<(StateCopy, Ending), String> {
     .map_err(|e| e.to_string())?
 }
 
-async fn read_redis(client: &redis::Client, accounts: &[Arc<str>]) -> Result<StateCopy, String> {
-    let addr = client.get_connection_info().addr().to_string();
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| classify(&addr, &e).to_string())?;
-    let heartbeat: Option<Millis> = redis::cmd("GET")
-        .arg(HEARTBEAT_KEY)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| classify(&addr, &e).to_string())?;
-    let mut states = HashMap::new();
-    let mut unreadable = HashMap::new();
-    for chunk in accounts.chunks(1000) {
-        let keys: Vec<String> = chunk.iter().map(|id| account_key(id)).collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| classify(&addr, &e).to_string())?;
-        for (id, value) in chunk.iter().zip(values) {
-            if let Some(json) = value {
-                match serde_json::from_str::<AccountState>(&json) {
-                    Ok(s) => {
-                        states.insert(id.clone(), s);
-                    }
-                    Err(e) => {
-                        log::error!(account_id = &**id; "unreadable Redis state: its windows restart full: {e}");
-                        // The version, if that much can be read, keeps the next writes newer.
-                        let version = serde_json::from_str::<serde_json::Value>(&json)
-                            .ok()
-                            .and_then(|v| v.get("version")?.as_u64())
-                            .unwrap_or(0);
-                        unreadable.insert(id.clone(), version);
-                    }
-                }
-            }
-        }
+/// This instance's shutdown mark and heartbeat, as stored. An instance that has no mark of its own
+/// yet reads the legacy global pair instead, which a version before instance ids wrote: a
+/// single-instance deployment then restores exactly across the upgrade (the two are read as a
+/// pair, so a heartbeat always belongs to the mark it is read with).
+fn read_marks(
+    conn: &mut DbConn,
+    instance_id: &str,
+) -> Result<(Option<String>, Option<String>), StoreError> {
+    if let Some(own) = settings::get(conn, &settings::shutdown_mark(instance_id))? {
+        let heartbeat = settings::get(conn, &settings::heartbeat(instance_id))?;
+        return Ok((Some(own), heartbeat));
     }
-    Ok(StateCopy {
-        states,
-        unreadable,
-        heartbeat,
-        ..StateCopy::default()
-    })
+    Ok((
+        settings::get(conn, settings::LEGACY_SHUTDOWN_MARK)?,
+        settings::get(conn, settings::LEGACY_HEARTBEAT)?,
+    ))
 }
 
 #[cfg(test)]
@@ -337,19 +268,11 @@ mod tests {
                 .iter()
                 .map(|(id, v, at)| (Arc::from(*id), state(*v, *at)))
                 .collect(),
+            heartbeat,
             ..StateCopy::default()
         }
-        .with_heartbeat(heartbeat)
     }
 
-    impl StateCopy {
-        fn with_heartbeat(mut self, heartbeat: Option<Millis>) -> StateCopy {
-            self.heartbeat = heartbeat;
-            self
-        }
-    }
-
-    const S: Duration = Duration::from_secs(1);
     const FIVE: Duration = Duration::from_secs(5);
 
     fn previous(clean: bool, mark: Option<Mark>) -> Previous {
@@ -357,8 +280,7 @@ mod tests {
             clean,
             ran: true,
             mark,
-            redis_interval: S,
-            database_interval: FIVE,
+            interval: FIVE,
         }
     }
 
@@ -376,13 +298,13 @@ mod tests {
     }
 
     #[test]
-    fn the_higher_version_wins_whatever_the_clocks_say() {
+    fn a_clean_stop_restores_the_copy_exactly_and_charges_nothing() {
         let db = copy(&[("a", 5, 9_000), ("b", 9, 1_000)], Some(10_000));
-        let redis = copy(&[("a", 7, 2_000), ("b", 3, 9_999)], Some(12_000));
-        let plan = choose(&db, &redis, previous(true, None), &ids(&["a", "b"]), 20_000);
-        assert_eq!(plan.saved[&Arc::from("a")].state.version, 7);
+        let plan = choose(&db, previous(true, None), &ids(&["a", "b"]), 20_000);
+        assert_eq!(plan.saved[&Arc::from("a")].state.version, 5);
         assert_eq!(plan.saved[&Arc::from("b")].state.version, 9);
-        assert_eq!((plan.from_redis, plan.from_database), (1, 1));
+        assert_eq!(plan.from_database, 2);
+        assert!(plan.clean);
         assert!(
             plan.saved.values().all(|r| r.gap.is_none()),
             "a clean stop charges nothing"
@@ -390,17 +312,11 @@ mod tests {
     }
 
     #[test]
-    fn after_a_crash_the_gap_runs_from_the_copys_heartbeat_to_the_last_possible_tick() {
-        let db = copy(&[("a", 5, 9_000)], Some(10_000));
-        let redis = copy(&[("b", 2, 11_000)], Some(12_000));
-        let plan = choose(
-            &db,
-            &redis,
-            previous(false, None),
-            &ids(&["a", "b"]),
-            60_000,
-        );
-        // The process was alive at 12 000 (Redis) and died before 15 000 (db heartbeat + 5 s).
+    fn after_a_crash_the_gap_runs_from_the_heartbeat_to_the_last_possible_tick() {
+        // Another instance wrote "b" later than this one's heartbeat: "b" is known until then.
+        let db = copy(&[("a", 5, 9_000), ("b", 2, 12_000)], Some(10_000));
+        let plan = choose(&db, previous(false, None), &ids(&["a", "b"]), 60_000);
+        // The process died before 15 000 (heartbeat + 5 s).
         assert_eq!(plan.saved[&Arc::from("a")].gap, Some(5_000));
         assert_eq!(plan.saved[&Arc::from("b")].gap, Some(3_000));
     }
@@ -408,25 +324,17 @@ mod tests {
     #[test]
     fn without_any_heartbeat_the_gap_runs_until_now() {
         let db = copy(&[("a", 1, 1_000)], None);
-        let plan = choose(
-            &db,
-            &StateCopy::default(),
-            previous(false, None),
-            &ids(&["a"]),
-            4_000,
-        );
+        let plan = choose(&db, previous(false, None), &ids(&["a"]), 4_000);
         assert_eq!(plan.saved[&Arc::from("a")].gap, Some(3_000));
     }
 
     #[test]
     fn the_crash_mark_ends_the_gap_where_the_process_was_last_alive_though_no_copy_was_written() {
-        // Both copies stopped at 10 000 (database and Redis down); the process lived on until
-        // 3 600 000 and died before its next mark, 1 s later.
+        // The copy stopped at 10 000 (the database down); the process lived on until 3 600 000
+        // and died before its next mark, 1 s later.
         let db = copy(&[("a", 5, 9_000)], Some(10_000));
-        let redis = copy(&[("a", 5, 9_000)], Some(10_000));
         let plan = choose(
             &db,
-            &redis,
             previous(false, Some(mark(3_600_000, None))),
             &ids(&["a"]),
             4_000_000,
@@ -439,7 +347,6 @@ mod tests {
         let db = copy(&[("a", 5, 9_000)], Some(10_000));
         let plan = choose(
             &db,
-            &StateCopy::default(),
             previous(false, Some(mark(60_000, Some(11_000)))),
             &ids(&["a", "new"]),
             90_000,
@@ -455,7 +362,6 @@ mod tests {
         let db = copy(&[("a", 5, 490_000)], Some(500_000));
         let plan = choose(
             &db,
-            &StateCopy::default(),
             previous(false, Some(mark(60_000, Some(11_000)))),
             &ids(&["a"]),
             600_000,
@@ -468,11 +374,10 @@ mod tests {
     }
 
     #[test]
-    fn an_account_no_copy_holds_is_charged_the_gap_since_the_last_copy() {
+    fn an_account_the_copy_misses_is_charged_the_gap_since_the_last_copy() {
         let db = copy(&[("a", 5, 9_000)], Some(10_000));
         let plan = choose(
             &db,
-            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["a", "new"]),
             90_000,
@@ -482,20 +387,13 @@ mod tests {
         assert_eq!(
             new.gap,
             Some(11_000),
-            "from the db heartbeat to the mark's 21 000"
+            "from the heartbeat to the mark's 21 000"
         );
         // After a clean stop it simply has no state.
-        let clean = choose(
-            &db,
-            &StateCopy::default(),
-            previous(true, None),
-            &ids(&["new"]),
-            90_000,
-        );
+        let clean = choose(&db, previous(true, None), &ids(&["new"]), 90_000);
         assert!(!clean.saved.contains_key(&Arc::from("new")));
         // Without any heartbeat: since the previous process started.
         let none = choose(
-            &StateCopy::default(),
             &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["new"]),
@@ -507,7 +405,6 @@ mod tests {
         with_created.created.insert(Arc::from("new"), 15_000);
         let plan = choose(
             &with_created,
-            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["new"]),
             90_000,
@@ -521,7 +418,6 @@ mod tests {
         db.created.insert(Arc::from("added"), 80_000);
         let plan = choose(
             &db,
-            &StateCopy::default(),
             previous(false, Some(mark(20_000, None))),
             &ids(&["a", "added"]),
             90_000,
@@ -534,30 +430,28 @@ mod tests {
             ran: false,
             ..previous(false, None)
         };
-        let plan = choose(
-            &StateCopy::default(),
-            &StateCopy::default(),
-            first,
-            &ids(&["x"]),
-            90_000,
-        );
+        let plan = choose(&StateCopy::default(), first, &ids(&["x"]), 90_000);
         assert!(plan.saved.is_empty(), "a first start restores nothing");
     }
 
     #[test]
-    fn an_unreadable_copy_restores_as_unknown_counters_above_its_version() {
-        let mut db = copy(&[], Some(10_000));
+    fn an_unreadable_row_restores_as_unknown_counters_at_its_version() {
+        let mut db = copy(&[("b", 7, 9_000)], Some(10_000));
         db.unreadable.insert(Arc::from("a"), 40);
-        db.unreadable.insert(Arc::from("b"), 40);
-        let redis = copy(&[("b", 7, 9_000)], Some(12_000));
-        let plan = choose(&db, &redis, previous(true, None), &ids(&["a", "b"]), 20_000);
+        let plan = choose(&db, previous(true, None), &ids(&["a", "b"]), 20_000);
         let a = &plan.saved[&Arc::from("a")];
         assert_eq!(
             (a.state.copy, a.state.version, a.gap),
             (SavedCopy::Unreadable, 40, None)
         );
-        let b = &plan.saved[&Arc::from("b")];
-        assert_eq!(b.state.copy, SavedCopy::Read, "the readable Redis copy");
-        assert_eq!(b.state.version, 40, "raised above the unreadable row's");
+        assert_eq!(plan.from_database, 1, "only the readable row counts");
+        // After a crash it is charged the gap since the last copy, like a missing one.
+        let plan = choose(
+            &db,
+            previous(false, Some(mark(20_000, None))),
+            &ids(&["a"]),
+            90_000,
+        );
+        assert_eq!(plan.saved[&Arc::from("a")].gap, Some(11_000));
     }
 }

@@ -1,11 +1,16 @@
-//! `Syncer`: every `sync.redis_interval` it collects the accounts whose state changed and writes
-//! them to Redis in pipelined batches; every `sync.database_interval` it writes them (and their
-//! `quota_used` / `last_reset`) to the database in one transaction. Each completed tick also writes
-//! a heartbeat, even when nothing changed, which bounds what a crash can leave unknown.
+//! `Syncer`: every `sync.database_interval` it collects the accounts whose state changed and
+//! writes them (and their `quota_used` / `last_reset`) to the database in one transaction, with
+//! this instance's heartbeat (`settings::heartbeat`), even when nothing changed: the heartbeat
+//! bounds what a crash of this instance can leave unknown.
 //!
-//! A failing copy keeps its pending states and is retried with backoff; the link's going down and
-//! coming back are logged once each (and counted), not once per tick. Nothing here is on the
-//! request path: the actors keep serving from memory whatever Redis or the database do.
+//! Each state is this instance's view of the account: with Redis, the ledger as last agreed,
+//! under the ledger's version. Several instances write the same rows; the database keeps the
+//! higher version. With Redis the ledger itself is the live state, and this copy is what a start
+//! restores when Redis no longer holds it (see [`super::restore`]).
+//!
+//! A failing write keeps its pending states and is retried with backoff; the database's going down
+//! and coming back are logged once each (and counted), not once per tick. Nothing here is on the
+//! request path: the actors keep serving whatever the database does.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -15,7 +20,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use diesel::Connection as _;
 
-use super::redis_link::{account_key, classify, HEARTBEAT_KEY};
 use crate::actors::QuotaSystem;
 use crate::backoff::Backoff;
 use crate::domain::account::AccountState;
@@ -24,23 +28,21 @@ use crate::metrics::Metrics;
 use crate::store::state::AccountStateRow;
 use crate::store::{accounts, settings, state, Store};
 
-/// States per Redis round trip.
-const REDIS_BATCH: usize = 500;
-/// Waits before retrying a failing copy: from 500 ms, doubling up to 30 s.
+/// Waits before retrying a failing write: from 500 ms, doubling up to 30 s.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
-/// Syncs every account to the database and Redis now; answers when done (or failed).
+/// Syncs every account to the database now; answers when done (or failed).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<FlushReport, String>")]
 pub struct Flush;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlushReport {
+    /// Account states collected (changed since the previous round) and written.
     pub accounts: usize,
-    pub redis: bool,
 }
 
-/// The health of one copy.
+/// The health of the database link.
 #[derive(Debug, Clone, Copy)]
 struct Link {
     up: bool,
@@ -76,23 +78,22 @@ impl Link {
 }
 
 pub struct SyncSettings {
-    pub redis_interval: Duration,
+    /// `sync.database_interval`: how often the sync ticks.
     pub database_interval: Duration,
+    /// `instance.id`: names the heartbeat this instance writes (see `settings::heartbeat`).
+    pub instance_id: String,
 }
 
 pub struct Syncer {
     runtime: QuotaSystem,
     store: Store,
-    redis: Option<redis::Client>,
-    redis_conn: Option<redis::aio::MultiplexedConnection>,
     clock: SharedClock,
     metrics: Metrics,
-    redis_interval: Millis,
     database_interval: Millis,
-    /// States not yet written to each copy (the latest per account).
-    pending_redis: HashMap<Arc<str>, AccountState>,
+    /// The settings key of this instance's heartbeat.
+    heartbeat_key: String,
+    /// States not yet written to the database (the latest per account).
     pending_database: HashMap<Arc<str>, AccountState>,
-    redis_link: Link,
     database_link: Link,
     last_database_tick: Millis,
     /// Accounts whose state changed in the last round.
@@ -103,7 +104,6 @@ impl Syncer {
     pub fn new(
         runtime: QuotaSystem,
         store: Store,
-        redis: Option<redis::Client>,
         settings: SyncSettings,
         metrics: Metrics,
     ) -> Syncer {
@@ -112,15 +112,11 @@ impl Syncer {
         Syncer {
             runtime,
             store,
-            redis,
-            redis_conn: None,
             clock,
             metrics,
-            redis_interval: duration_ms(settings.redis_interval),
             database_interval: duration_ms(settings.database_interval),
-            pending_redis: HashMap::new(),
+            heartbeat_key: settings::heartbeat(&settings.instance_id),
             pending_database: HashMap::new(),
-            redis_link: Link::new(now),
             database_link: Link::new(now),
             last_database_tick: now,
             changed_last_round: 0,
@@ -128,12 +124,7 @@ impl Syncer {
     }
 
     fn tick_every(&self) -> Duration {
-        let ms = if self.redis.is_some() {
-            self.redis_interval.min(self.database_interval)
-        } else {
-            self.database_interval
-        };
-        Duration::from_millis(ms.max(1) as u64)
+        Duration::from_millis(self.database_interval.max(1) as u64)
     }
 
     fn schedule(&self, ctx: &mut Context<Self>) {
@@ -148,9 +139,9 @@ impl Syncer {
 
     /// Marks the runtime idle in the crash mark (see [`super::mark`]) when a round changed
     /// nothing, the database holds every state collected so far and no lease is out; a crash then
-    /// charges no gap. (Redis alone is not enough: it may lose what it holds, and the restore
-    /// would then fall back to an older database copy with nothing charged.) The gate re-checks
-    /// once no admission can start: what it collects then is queued for the copies.
+    /// charges no gap. (With Redis the ledger is not enough: Redis may lose it, and the restore
+    /// would then seed it from an older database copy with nothing charged.) The gate re-checks
+    /// once no admission can start: what it collects then is queued for the database.
     fn mark_idle(&mut self) -> Pin<Box<dyn ActorFuture<Self, Output = ()>>> {
         let Some(gate) = self.runtime.admission_gate().cloned() else {
             return Box::pin(fut::ready(()));
@@ -172,16 +163,13 @@ impl Syncer {
                 .into_actor(self)
                 .map(|(_, changed), act, _ctx| {
                     for (id, state) in changed.into_iter().flatten() {
-                        if act.redis.is_some() {
-                            act.pending_redis.insert(id.clone(), state.clone());
-                        }
                         act.pending_database.insert(id, state);
                     }
                 }),
         )
     }
 
-    /// One round: collect, then write each copy that is due (all of them when `force`).
+    /// One round: collect, then write to the database when due (always when `force`).
     fn sync(
         &mut self,
         force: bool,
@@ -193,116 +181,21 @@ impl Syncer {
                 .then(move |changed, act, _ctx| {
                     let count = changed.len();
                     act.changed_last_round = count;
-                    for (id, state) in changed {
-                        if act.redis.is_some() {
-                            act.pending_redis.insert(id.clone(), state.clone());
-                        }
-                        act.pending_database.insert(id, state);
-                    }
+                    act.pending_database.extend(changed);
                     act.update_lag_metrics();
                     let now = act.clock.now_ms();
-                    let redis_due =
-                        act.redis.is_some() && (force || now >= act.redis_link.retry_at);
-                    act.write_redis(redis_due).then(move |redis_ok, act, _ctx| {
-                        let now = act.clock.now_ms();
-                        let database_due = force
-                            || (now - act.last_database_tick >= act.database_interval
-                                && now >= act.database_link.retry_at);
-                        act.write_database(database_due)
-                            .map(move |db_result, act, _ctx| {
-                                act.update_lag_metrics();
-                                db_result.map(|()| FlushReport {
-                                    accounts: count,
-                                    redis: redis_ok,
-                                })
-                            })
+                    let due = force
+                        || (now - act.last_database_tick >= act.database_interval
+                            && now >= act.database_link.retry_at);
+                    act.write_database(due).map(move |result, act, _ctx| {
+                        act.update_lag_metrics();
+                        result.map(|()| FlushReport { accounts: count })
                     })
                 }),
         )
     }
 
-    /// Writes the pending states and the heartbeat to Redis; resolves to whether Redis is current.
-    fn write_redis(&mut self, due: bool) -> Pin<Box<dyn ActorFuture<Self, Output = bool>>> {
-        let Some(client) = self.redis.clone().filter(|_| due) else {
-            return Box::pin(fut::ready(false));
-        };
-        let batch: Vec<(String, String)> = self
-            .pending_redis
-            .iter()
-            .map(|(id, s)| {
-                (
-                    account_key(id),
-                    serde_json::to_string(s).unwrap_or_default(),
-                )
-            })
-            .collect();
-        let sent: Vec<(Arc<str>, u64)> = self
-            .pending_redis
-            .iter()
-            .map(|(id, s)| (id.clone(), s.version))
-            .collect();
-        let conn = self.redis_conn.clone();
-        let now = self.clock.now_ms();
-        let write = async move {
-            let addr = client.get_connection_info().addr().to_string();
-            let mut conn = match conn {
-                Some(c) => c,
-                None => client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| classify(&addr, &e).to_string())?,
-            };
-            for chunk in batch.chunks(REDIS_BATCH) {
-                let mut pipe = redis::pipe();
-                for (key, json) in chunk {
-                    pipe.set(key, json).ignore();
-                }
-                pipe.query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|e| classify(&addr, &e).to_string())?;
-            }
-            redis::cmd("SET")
-                .arg(HEARTBEAT_KEY)
-                .arg(now)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| classify(&addr, &e).to_string())?;
-            Ok::<_, String>(conn)
-        };
-        Box::pin(write.into_actor(self).map(move |result, act, _ctx| {
-            let now = act.clock.now_ms();
-            match result {
-                Ok(conn) => {
-                    act.redis_conn = Some(conn);
-                    // Only what was sent leaves the queue: a newer state collected meanwhile stays.
-                    for (id, version) in sent {
-                        if act.pending_redis.get(&id).is_some_and(|s| s.version == version) {
-                            act.pending_redis.remove(&id);
-                        }
-                    }
-                    if act.redis_link.ok(now) {
-                        log::info!(event = "sync_recovered", target = "redis"; "Redis is reachable again; account state written back");
-                    }
-                    act.metrics.sync_up.with_label_values(&["redis"]).set(1);
-                    true
-                }
-                Err(problem) => {
-                    act.redis_conn = None;
-                    act.metrics.sync_failures_total.with_label_values(&["redis"]).inc();
-                    act.metrics.sync_up.with_label_values(&["redis"]).set(0);
-                    if act.redis_link.failed(now) {
-                        log::warn!(
-                            event = "sync_failed", target = "redis";
-                            "Redis sync failed; serving from memory and retrying with backoff: {problem}"
-                        );
-                    }
-                    false
-                }
-            }
-        }))
-    }
-
-    /// Writes the pending states, usage counters and the heartbeat in one transaction.
+    /// Writes the pending states, usage counters and this instance's heartbeat in one transaction.
     fn write_database(
         &mut self,
         due: bool,
@@ -320,6 +213,7 @@ impl Syncer {
             .map(|(id, s)| (id.clone(), s.clone()))
             .collect();
         let store = self.store.clone();
+        let heartbeat_key = self.heartbeat_key.clone();
         let now = self.clock.now_ms();
         let write = tokio::task::spawn_blocking(move || {
             let mut conn = store.conn().map_err(|e| e.to_string())?;
@@ -344,7 +238,7 @@ impl Syncer {
                         to_datetime(s.quota.period_start).naive_utc(),
                     )?;
                 }
-                settings::put(conn, settings::HEARTBEAT, &now.to_string())
+                settings::put(conn, &heartbeat_key, &now.to_string())
             })
             .map_err(|e| e.to_string())?;
             Ok::<_, String>(
@@ -387,17 +281,11 @@ impl Syncer {
 
     fn update_lag_metrics(&self) {
         let now = self.clock.now_ms();
-        let lag = |link: &Link| (now - link.last_ok).max(0) as f64 / 1000.0;
+        let lag = (now - self.database_link.last_ok).max(0) as f64 / 1000.0;
         self.metrics
             .sync_lag_seconds
             .with_label_values(&["database"])
-            .set(lag(&self.database_link));
-        if self.redis.is_some() {
-            self.metrics
-                .sync_lag_seconds
-                .with_label_values(&["redis"])
-                .set(lag(&self.redis_link));
-        }
+            .set(lag);
     }
 }
 
@@ -410,11 +298,6 @@ impl Actor for Syncer {
         self.metrics
             .sync_failures_total
             .with_label_values(&["database"]);
-        if self.redis.is_some() {
-            self.metrics
-                .sync_failures_total
-                .with_label_values(&["redis"]);
-        }
         self.schedule(ctx);
     }
 }
