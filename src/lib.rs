@@ -13,7 +13,10 @@
 //! - [`provision`]: keeps the store as `config.yaml` declares it, through [`manage`].
 //! - [`actors`]: the runtime: account, pool and supervisor actors, the request tracker, and
 //!   [`actors::QuotaSystem`], the handle the rest uses.
-//! - [`sync`]: the Redis link, the periodic sync and restore on start.
+//! - [`ledger`]: several instances, one limit: the account ledgers shared in Redis (standalone or
+//!   Cluster), the instances' heartbeats, Redis' clock.
+//! - [`startup`]: what an instance does to a shared database before serving, under a lock.
+//! - [`sync`]: the periodic copy of account state to the database and its restore on start.
 //! - [`mark`]: the crash mark in `data_dir` and the admission gate.
 //! - [`backoff`]: retry delays that double up to a ceiling (tracker, sync, webhook).
 //! - [`http`]: the actix-web front door (client API, admin and stats APIs, status page, OpenAPI).

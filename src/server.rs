@@ -5,7 +5,8 @@
 //! Shutdown order: stop accepting; let requests in flight finish within `server.shutdown_grace`
 //! (handlers still running then are dropped, and their reservations settle through their guards:
 //! committed at the estimate once sent upstream, else released); flush every account's state to the
-//! database and Redis; write the clean-shutdown mark; exit 0. A second signal exits at once.
+//! database; leave the instances in Redis; write this instance's clean-shutdown mark; exit 0. A
+//! second signal exits at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -374,16 +375,30 @@ async fn start_ledger(
     config: &Config,
     target: &RedisTarget,
     clock: &Arc<LedgerClock>,
-    _store: &Store,
+    store: &Store,
     metrics: &Metrics,
 ) -> Result<LedgerLink, String> {
+    // Without Redis at start, the limits are shared with every instance that may be serving:
+    // those whose last process did not stop cleanly, and this one (its own mark, written by the
+    // restore that follows, is not counted yet).
+    let others = store
+        .conn()
+        .and_then(|mut conn| settings::unclean_instances(&mut conn))
+        .map_err(|e| e.to_string())?;
+    let own = settings::get(
+        &mut *store.conn().map_err(|e| e.to_string())?,
+        &settings::shutdown_mark(&config.instance.id),
+    )
+    .map_err(|e| e.to_string())?;
+    let hint = others.saturating_sub(u64::from(own.is_some_and(|m| m != "clean"))) + 1;
     let link = LedgerLink::start(
         target.clone(),
         config.redis.timeout,
+        config.sync.redis_interval,
         config.instance.id.clone(),
         clock.clone(),
         metrics.ledger.clone(),
-        1,
+        hint,
     )
     .await;
     link.keep_beating();

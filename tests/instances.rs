@@ -233,6 +233,7 @@ async fn ledger_versions(shared: &Shared) -> std::collections::BTreeMap<String, 
     let link = quotagate::ledger::LedgerLink::start(
         target,
         Duration::from_secs(2),
+        Duration::from_secs(1),
         "reader".into(),
         std::sync::Arc::new(quotagate::ledger::LedgerClock::new(std::sync::Arc::new(
             quotagate::domain::time::SystemClock,

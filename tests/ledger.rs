@@ -48,6 +48,7 @@ async fn link(redis: &RedisConfig, id: &str, clock: Arc<LedgerClock>) -> LedgerL
     LedgerLink::start(
         target,
         redis.timeout,
+        Duration::from_secs(1),
         id.to_string(),
         clock,
         Metrics::new().ledger,

@@ -176,8 +176,12 @@ pub struct InstanceConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyncConfig {
+    /// With Redis: how often the instance says it is alive there (an instance silent for five
+    /// of these no longer counts as live); also the unit of the peak rates kept for the
+    /// crash-gap charge.
     #[serde(with = "codec::duration")]
     pub redis_interval: Duration,
+    /// How often changed account state is copied to the database.
     #[serde(with = "codec::duration")]
     pub database_interval: Duration,
     #[serde(with = "codec::duration")]

@@ -13,12 +13,9 @@ use super::scripts::{self, Loaded, Swapped};
 use crate::domain::share::{rank_for, Share};
 use crate::metrics::LedgerMetrics;
 
-/// How often an instance says it is alive.
-pub const BEAT_EVERY: Duration = Duration::from_secs(1);
-
-/// An instance silent for this long no longer counts as live (its leases still count until their
-/// own TTL: see `sync.lease_ttl`).
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+/// An instance silent for this many beats no longer counts as live (its leases still count
+/// until their own TTL: see `sync.lease_ttl`).
+pub const MISSED_BEATS: u32 = 5;
 
 /// The link. Cheap to clone.
 #[derive(Clone)]
@@ -27,6 +24,8 @@ pub struct LedgerLink(Arc<Inner>);
 struct Inner {
     target: RedisTarget,
     timeout: Duration,
+    /// How often this instance says it is alive (`sync.redis_interval`).
+    beat_every: Duration,
     instance_id: String,
     owner: u64,
     clock: Arc<LedgerClock>,
@@ -56,6 +55,7 @@ impl LedgerLink {
     pub async fn start(
         target: RedisTarget,
         timeout: Duration,
+        beat_every: Duration,
         instance_id: String,
         clock: Arc<LedgerClock>,
         metrics: LedgerMetrics,
@@ -73,6 +73,7 @@ impl LedgerLink {
         let link = LedgerLink(Arc::new(Inner {
             target,
             timeout,
+            beat_every,
             instance_id,
             owner,
             clock,
@@ -93,11 +94,11 @@ impl LedgerLink {
         link
     }
 
-    /// Beats every [`BEAT_EVERY`] until the process ends (spawned on the current runtime).
+    /// Beats every `sync.redis_interval` until the process ends (spawned on the current runtime).
     pub fn keep_beating(&self) {
         let link = self.clone();
         actix_rt::spawn(async move {
-            let mut every = actix_rt::time::interval(BEAT_EVERY);
+            let mut every = actix_rt::time::interval(link.0.beat_every);
             loop {
                 every.tick().await;
                 link.beat().await;
@@ -108,8 +109,9 @@ impl LedgerLink {
     /// Says this instance is alive; counts the live ones; follows Redis' clock.
     pub async fn beat(&self) {
         let id = self.0.instance_id.clone();
+        let ttl = self.0.beat_every * MISSED_BEATS;
         let result = self
-            .call(|mut conn| async move { scripts::beat(&mut conn, &id, HEARTBEAT_TTL).await })
+            .call(|mut conn| async move { scripts::beat(&mut conn, &id, ttl).await })
             .await;
         if let Ok((now, live)) = result {
             self.0.clock.observe(now);

@@ -27,5 +27,5 @@ mod scripts;
 
 pub use clock::LedgerClock;
 pub use conn::{classify, RedisConn, RedisProblem, RedisTarget};
-pub use link::{LedgerLink, BEAT_EVERY, HEARTBEAT_TTL};
+pub use link::{LedgerLink, MISSED_BEATS};
 pub use scripts::{ledger_key, split, Loaded, Swapped, INSTANCES_KEY, LEDGER_KEEP};

@@ -44,6 +44,19 @@ pub fn heartbeat(instance_id: &str) -> String {
     format!("{LEGACY_HEARTBEAT}/{instance_id}")
 }
 
+/// Instances whose last process is running or stopped without its clean-shutdown mark: at most
+/// that many (live or crashed) may be serving from this database now. An instance that cannot
+/// reach Redis at start takes this as the number of instances to share the limits with.
+pub fn unclean_instances(conn: &mut DbConn) -> Result<u64, StoreError> {
+    let pattern = format!("{LEGACY_SHUTDOWN_MARK}/%");
+    let count: i64 = settings::table
+        .filter(settings::key.like(pattern))
+        .filter(settings::value.ne("clean"))
+        .count()
+        .get_result(conn)?;
+    Ok(count.max(0) as u64)
+}
+
 /// Marks the catalog as changed (called by every function that writes it).
 pub fn bump_catalog(conn: &mut DbConn) -> Result<(), StoreError> {
     put(conn, CATALOG_VERSION, &super::new_id())

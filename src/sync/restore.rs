@@ -130,7 +130,8 @@ fn choose(
     .unwrap_or(now)
     .min(now);
     let idle = previous.mark.is_some_and(|m| m.idle_since.is_some());
-    let charged = !previous.clean && !idle;
+    // Nothing to charge on a first start: no process of this instance ran before.
+    let charged = !previous.clean && !idle && previous.ran;
     // An account the copy does not hold was not there (or not changed) when it was last written.
     let last_copy = database
         .heartbeat
@@ -166,7 +167,7 @@ fn choose(
                 let created = database.created.get(id).copied().unwrap_or(0);
                 // New since the previous process died (or no process ran before): it has no
                 // history to charge.
-                if !charged || !previous.ran || created >= died_before {
+                if !charged || created >= died_before {
                     continue;
                 }
                 Restored {
@@ -432,6 +433,11 @@ mod tests {
         };
         let plan = choose(&StateCopy::default(), first, &ids(&["x"]), 90_000);
         assert!(plan.saved.is_empty(), "a first start restores nothing");
+        // Rows other instances wrote: a first start of this one restores them, charged nothing
+        // (no process of this instance can have admitted anything unknown).
+        let others = copy(&[("x", 3, 9_000)], Some(10_000));
+        let plan = choose(&others, first, &ids(&["x"]), 90_000);
+        assert_eq!(plan.saved[&Arc::from("x")].gap, None);
     }
 
     #[test]

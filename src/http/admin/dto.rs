@@ -123,10 +123,9 @@ pub struct ProviderResetView {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct FlushView {
-    /// Account states written.
+    /// Account states written to the database (with Redis, the ledgers there are the live state
+    /// already).
     pub accounts: usize,
-    /// Whether Redis got them too (false when Redis is off or down).
-    pub redis: bool,
 }
 
 impl From<KeyWithUser> for KeyView {

@@ -101,8 +101,5 @@ pub(super) async fn flush(_: Admin, state: web::Data<AppState>) -> Result<HttpRe
         .map_err(|e| ApiError::Unavailable(format!("flush failed: {e}")))?;
     Ok(HttpResponse::Ok().json(FlushView {
         accounts: report.accounts,
-        // The flush writes the database only (with Redis the ledgers are the live state already);
-        // the field stays in the answer for the clients that read it.
-        redis: false,
     }))
 }
