@@ -145,18 +145,21 @@ async fn refusals_follow_the_precedence_rate_then_quota_then_impossible_then_non
     ];
     let on: Vec<&str> = held.iter().map(|l| &*l.account.name).collect();
     assert!(on.contains(&"rate") && on.contains(&"quota"), "{on:?}");
+    // Both holds come from requests in flight: `rate`'s request counts until W after its
+    // commit, `quota`'s reserved tokens may come back at its commit. The sooner one names the
+    // verdict, and only as a lower bound.
     match refused(acquire(&qs, 40).await) {
         Verdict::RateLimited {
             limit,
             retry_at,
             lower_bound,
         } => {
-            assert_eq!(&*limit, "rpm");
+            assert_eq!(&*limit, "quota");
             assert!(
                 lower_bound,
                 "blocked by a request in flight: only a lower bound"
             );
-            assert_eq!(retry_at, START + 60_000);
+            assert!(retry_at < START + 60_000, "{retry_at}");
         }
         other => panic!("{other:?}"),
     }
