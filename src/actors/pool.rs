@@ -119,10 +119,12 @@ pub struct Revived {
 }
 
 /// The states of members that changed since the last call (for sync, and for recreating a member
-/// that died).
+/// that died); `flush`: see [`Snapshot`].
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Vec<(Arc<str>, AccountState)>")]
-pub struct CollectChanged;
+pub struct CollectChanged {
+    pub flush: bool,
+}
 
 // ------------------------------------------------------------------------------------------------
 // The actor
@@ -478,7 +480,8 @@ impl Handler<RemoveAccount> for PoolActor {
 impl Handler<CollectChanged> for PoolActor {
     type Result = ResponseActFuture<Self, Vec<(Arc<str>, AccountState)>>;
 
-    fn handle(&mut self, _msg: CollectChanged, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CollectChanged, _ctx: &mut Context<Self>) -> Self::Result {
+        let flush = msg.flush;
         let asks: Vec<(Arc<str>, Addr<AccountActor>, Option<u64>)> = self
             .members
             .iter()
@@ -494,7 +497,13 @@ impl Handler<CollectChanged> for PoolActor {
             async move {
                 let mut changed = Vec::new();
                 for (id, addr, since_version) in asks {
-                    if let Ok(Some(state)) = addr.send(Snapshot { since_version }).await {
+                    if let Ok(Some(state)) = addr
+                        .send(Snapshot {
+                            since_version,
+                            flush,
+                        })
+                        .await
+                    {
                         changed.push((id, state));
                     }
                 }

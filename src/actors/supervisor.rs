@@ -55,10 +55,13 @@ pub struct CatalogChange {
 #[rtype(result = "Result<CatalogChange, String>")]
 pub struct Reload;
 
-/// The states of accounts that changed since the last collection, from every pool.
+/// The states of accounts that changed since the last collection, from every pool; with
+/// `flush`, each account first writes what waits to be written to its shared ledger.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Vec<(Arc<str>, AccountState)>")]
-pub struct CollectAll;
+pub struct CollectAll {
+    pub flush: bool,
+}
 
 /// Stops the pools' arbiters (at the end of a shutdown).
 #[derive(Message, Debug, Clone)]
@@ -439,12 +442,12 @@ impl Handler<Reload> for Supervisor {
 impl Handler<CollectAll> for Supervisor {
     type Result = ResponseFuture<Vec<(Arc<str>, AccountState)>>;
 
-    fn handle(&mut self, _msg: CollectAll, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CollectAll, _ctx: &mut Context<Self>) -> Self::Result {
         let pools: Vec<Addr<PoolActor>> = self.pools.values().map(|p| p.addr.clone()).collect();
         Box::pin(async move {
             let mut all = Vec::new();
             for pool in pools {
-                if let Ok(changed) = pool.send(CollectChanged).await {
+                if let Ok(changed) = pool.send(CollectChanged { flush: msg.flush }).await {
                     all.extend(changed);
                 }
             }

@@ -30,6 +30,10 @@ use crate::domain::time::SharedClock;
 use crate::mark::AdmissionGate;
 use crate::metrics::Metrics;
 
+/// A shared ledger's changes that need not be written at once are written within this many
+/// worker report intervals (`sync.report_interval`): 250 ms by default.
+pub const LEDGER_FLUSH_REPORTS: u32 = 10;
+
 /// How the runtime is built.
 #[derive(Clone)]
 pub struct RuntimeSettings {
@@ -118,6 +122,10 @@ impl QuotaSystem {
             times: LedgerTimes {
                 reservation_timeout: settings.reservation_timeout,
                 lease_ttl: settings.lease_ttl,
+                ledger_flush: settings
+                    .report_interval
+                    .saturating_mul(LEDGER_FLUSH_REPORTS)
+                    .max(Duration::from_millis(10)),
             },
             peak_interval: settings.peak_interval,
             quota_schedule: settings.quota.schedule.clone(),
@@ -380,6 +388,19 @@ impl QuotaSystem {
 
     /// The states of accounts changed since the last call.
     pub async fn collect_changed(&self) -> Vec<(Arc<str>, AccountState)> {
-        self.supervisor.send(CollectAll).await.unwrap_or_default()
+        self.collect(false).await
+    }
+
+    /// [`Self::collect_changed`] after every account wrote what waits to be written to its
+    /// shared ledger and gave back its instance's reserves (a flush, a shutdown).
+    pub async fn collect_flushed(&self) -> Vec<(Arc<str>, AccountState)> {
+        self.collect(true).await
+    }
+
+    async fn collect(&self, flush: bool) -> Vec<(Arc<str>, AccountState)> {
+        self.supervisor
+            .send(CollectAll { flush })
+            .await
+            .unwrap_or_default()
     }
 }

@@ -176,22 +176,28 @@ impl Syncer {
     ) -> Pin<Box<dyn ActorFuture<Self, Output = Result<FlushReport, String>>>> {
         let runtime = self.runtime.clone();
         Box::pin(
-            async move { runtime.collect_changed().await }
-                .into_actor(self)
-                .then(move |changed, act, _ctx| {
-                    let count = changed.len();
-                    act.changed_last_round = count;
-                    act.pending_database.extend(changed);
+            async move {
+                if force {
+                    runtime.collect_flushed().await
+                } else {
+                    runtime.collect_changed().await
+                }
+            }
+            .into_actor(self)
+            .then(move |changed, act, _ctx| {
+                let count = changed.len();
+                act.changed_last_round = count;
+                act.pending_database.extend(changed);
+                act.update_lag_metrics();
+                let now = act.clock.now_ms();
+                let due = force
+                    || (now - act.last_database_tick >= act.database_interval
+                        && now >= act.database_link.retry_at);
+                act.write_database(due).map(move |result, act, _ctx| {
                     act.update_lag_metrics();
-                    let now = act.clock.now_ms();
-                    let due = force
-                        || (now - act.last_database_tick >= act.database_interval
-                            && now >= act.database_link.retry_at);
-                    act.write_database(due).map(move |result, act, _ctx| {
-                        act.update_lag_metrics();
-                        result.map(|()| FlushReport { accounts: count })
-                    })
-                }),
+                    result.map(|()| FlushReport { accounts: count })
+                })
+            }),
         )
     }
 

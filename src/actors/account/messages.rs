@@ -91,6 +91,9 @@ pub struct UpdateAccount {
 #[rtype(result = "Option<AccountState>")]
 pub struct Snapshot {
     pub since_version: Option<u64>,
+    /// With a shared ledger: give back the instance's reserves and write what waits to be
+    /// written first.
+    pub flush: bool,
 }
 
 /// Whether a reservation would pass now, without taking it (the seed's non-atomic check).
@@ -151,6 +154,9 @@ pub struct LedgerTimes {
     pub reservation_timeout: Duration,
     /// A holder lease not renewed by a report within this counts as used in full.
     pub lease_ttl: Duration,
+    /// With a shared ledger: the longest a change made here waits to be written to it (see
+    /// `shared`).
+    pub ledger_flush: Duration,
 }
 
 /// Told to the pool when an actor stopped on its own (a panic), so that it is rebuilt.

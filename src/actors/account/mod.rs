@@ -27,7 +27,7 @@ use actix::prelude::*;
 
 use super::events::{AccountRef, Event, EventSink};
 use crate::domain::account::{
-    Account, AccountEvent, AccountState, Denial, QuotaStatus, WindowStats,
+    Account, AccountEvent, AccountState, Denial, QuotaStatus, ReserveExchanged, WindowStats,
 };
 use crate::domain::time::{duration_ms, Millis, SharedClock};
 use crate::ledger::LedgerLink;
@@ -266,34 +266,53 @@ impl Handler<Exchange> for AccountActor {
     fn handle(&mut self, msg: Exchange, ctx: &mut Context<Self>) -> Self::Result {
         let lease_ttl = duration_ms(self.times.lease_ttl);
         let reservation_ttl = duration_ms(self.times.reservation_timeout);
-        self.operate(
-            ctx,
-            move |a, now, ev| {
-                #[cfg(feature = "fault-injection")]
-                if &*msg.model == crate::domain::account::PANIC_MODEL {
-                    panic!("injected panic in an exchange");
-                }
-                a.exchange(
-                    &msg.model,
-                    msg.report.as_ref(),
-                    msg.successes.as_ref(),
+        // With a shared ledger the workers refill from this instance's reserve (see
+        // `domain::account::reserve`): most exchanges then need no write to Redis first.
+        let via_reserve = self.shared.is_some();
+        let op: Op<ReserveExchanged> = Rc::new(move |a, now, ev| {
+            #[cfg(feature = "fault-injection")]
+            if &*msg.model == crate::domain::account::PANIC_MODEL {
+                panic!("injected panic in an exchange");
+            }
+            let (model, report, successes) =
+                (&*msg.model, msg.report.as_ref(), msg.successes.as_ref());
+            if via_reserve {
+                return a.exchange_via_reserve(
+                    model,
+                    report,
+                    successes,
                     msg.need,
                     msg.want,
                     now,
                     lease_ttl,
                     reservation_ttl,
                     ev,
-                )
-            },
-            |exchanged, act, ctx| {
-                let exchanged = exchanged?;
-                act.changed(ctx);
-                Some(ExchangeReply {
-                    exchanged,
-                    summary: act.account.summary(act.now()),
-                })
-            },
-        )
+                );
+            }
+            ReserveExchanged {
+                exchanged: a.exchange(
+                    model,
+                    report,
+                    successes,
+                    msg.need,
+                    msg.want,
+                    now,
+                    lease_ttl,
+                    reservation_ttl,
+                    ev,
+                ),
+                must_write: true,
+            }
+        });
+        let task = self.run_deferrable(ctx, op, |r| r.must_write);
+        AtomicResponse::new(Box::pin(task.map(|answer, act, ctx| {
+            let answer = answer?;
+            act.changed(ctx);
+            Some(ExchangeReply {
+                exchanged: answer.exchanged,
+                summary: act.account.summary(act.now()),
+            })
+        })))
     }
 }
 
@@ -410,20 +429,27 @@ impl Handler<UpdateAccount> for AccountActor {
 }
 
 impl Handler<Snapshot> for AccountActor {
-    type Result = Option<AccountState>;
+    type Result = AtomicResponse<Self, Option<AccountState>>;
 
-    fn handle(&mut self, msg: Snapshot, _ctx: &mut Context<Self>) -> Option<AccountState> {
-        // Shared: the copy is the ledger as last agreed, under the ledger's version.
-        let version = self
-            .shared
-            .as_ref()
-            .map_or(self.account.version(), Shared::version);
-        if msg.since_version == Some(version) {
-            return None;
-        }
-        let mut state = self.account.state(self.now());
-        state.version = version;
-        Some(state)
+    fn handle(&mut self, msg: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
+        let flushed = if msg.flush {
+            self.flush(ctx, true)
+        } else {
+            Box::pin(actix::fut::ready(()))
+        };
+        AtomicResponse::new(Box::pin(flushed.map(move |(), act, _| {
+            // Shared: the copy is the ledger as last agreed, under the ledger's version.
+            let version = act
+                .shared
+                .as_ref()
+                .map_or(act.account.version(), Shared::version);
+            if msg.since_version == Some(version) {
+                return None;
+            }
+            let mut state = act.account.state(act.now());
+            state.version = version;
+            Some(state)
+        })))
     }
 }
 

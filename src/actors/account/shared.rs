@@ -3,9 +3,17 @@
 //! is out of reach, and merges back.
 //!
 //! States: *joining* (no ledger agreed yet: the first write creates the ledger or finds it and
-//! takes it), *in step* (every change is written over the version it was computed from),
-//! *degraded* (Redis failed: the account keeps to its share of what was left and remembers what
-//! it admitted; every [`RETRY_EVERY`] it tries to merge back).
+//! takes it), *in step* (every change that may grow what the ledger counts for this instance is
+//! written over the version it was computed from before it is answered; the others — a worker's
+//! lease refilled from the instance's reserve, units used or given back — are written with the
+//! next write, at the latest after `LedgerTimes::ledger_flush`), *degraded* (Redis failed: the
+//! account keeps to its share of what was left and remembers what it admitted; every
+//! [`RETRY_EVERY`] it tries to merge back).
+//!
+//! A write that lost the race to another instance's is made again on that instance's ledger:
+//! with nothing unwritten here the ledger is taken as it is; with changes not yet written, it is
+//! merged with this instance's own leases and the usage noted since the last write
+//! (`Account::merge`), so that nothing admitted here is lost.
 
 use std::pin::Pin;
 use std::rc::Rc;
@@ -38,15 +46,18 @@ pub(super) struct Shared {
     /// The ledger as last agreed with Redis; `None` while joining.
     synced: Option<Synced>,
     degraded: bool,
+    /// Changes made here since the last write (see the module documentation).
+    dirty: bool,
+    /// A flush is scheduled.
+    flushing: bool,
     /// This actor replaces one that panicked: joining ends every lease of the account.
     rebuilt: bool,
 }
 
-/// The ledger as last agreed: its version and lineage, the text stored, and Redis' time then.
+/// The ledger as last agreed: its version and lineage, and Redis' time then.
 struct Synced {
     version: u64,
     lineage: u64,
-    value: String,
     at: Millis,
 }
 
@@ -64,6 +75,8 @@ impl Shared {
             link,
             synced: None,
             degraded: false,
+            dirty: false,
+            flushing: false,
             rebuilt,
         }
     }
@@ -99,19 +112,46 @@ impl AccountActor {
         ctx: &mut Context<Self>,
         op: Op<R>,
     ) -> Task<Option<R>> {
-        self.run_from(ctx, op, 0)
+        self.run_from(ctx, op, None, 0)
+    }
+
+    /// [`Self::run`] for an operation that may be written later: in step, when `must_write`
+    /// says its result did not grow what the ledger counts for this instance, it is answered at
+    /// once and written with the next write.
+    pub(super) fn run_deferrable<R: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        op: Op<R>,
+        must_write: fn(&R) -> bool,
+    ) -> Task<Option<R>> {
+        self.run_from(ctx, op, Some(must_write), 0)
     }
 
     fn run_from<R: 'static>(
         &mut self,
         ctx: &mut Context<Self>,
         op: Op<R>,
+        must_write: Option<fn(&R) -> bool>,
         conflicts: u32,
     ) -> Task<Option<R>> {
         let before = self.account.version();
+        let in_step = self
+            .shared
+            .as_ref()
+            .is_some_and(|s| !s.degraded && s.synced.is_some());
+        // What to go back to when the write does not stand.
+        let pre = in_step.then(|| self.account.clone());
         let Some((result, events)) = self.attempt(ctx, &op) else {
             return ready(None);
         };
+        if in_step
+            && self.account.version() != before
+            && must_write.is_some_and(|must| !must(&result))
+        {
+            self.mark_dirty(ctx);
+            self.emit(events);
+            return ready(Some(result));
+        }
         let Some(write) = self.pending_write(before) else {
             self.emit(events);
             return ready(Some(result));
@@ -124,47 +164,55 @@ impl AccountActor {
             lineage,
             value,
         } = write;
-        let swap = async move {
-            let swapped = link.swap(&id, expected, value.clone()).await;
-            (swapped, value)
-        };
-        Box::pin(wrap_future::<_, Self>(swap).then(
-            move |(swapped, value), act, ctx| match swapped {
+        let swap = async move { link.swap(&id, expected, value).await };
+        Box::pin(
+            wrap_future::<_, Self>(swap).then(move |swapped, act, ctx| match swapped {
                 Ok(Swapped::Done { now }) => {
                     act.agreed(Synced {
                         version,
                         lineage,
-                        value,
                         at: now,
                     });
                     act.emit(events);
                     ready(Some(result))
                 }
                 Ok(Swapped::Conflict { now, current }) if conflicts < MAX_CONFLICTS => {
+                    act.restore(pre);
                     act.adopt(ctx, current, now);
-                    act.run_from(ctx, op, conflicts + 1)
+                    act.run_from(ctx, op, must_write, conflicts + 1)
                 }
                 Ok(Swapped::Conflict { .. }) => {
+                    act.restore(pre);
                     act.degrade(ctx, "other instances kept writing first");
-                    act.run_from(ctx, op, conflicts + 1)
+                    act.run_from(ctx, op, must_write, conflicts + 1)
                 }
                 Err(problem) => {
+                    act.restore(pre);
                     act.degrade(ctx, &problem.to_string());
-                    act.run_from(ctx, op, conflicts + 1)
+                    act.run_from(ctx, op, must_write, conflicts + 1)
                 }
-            },
-        ))
+            }),
+        )
     }
 
     fn link(&self) -> &LedgerLink {
         &self.shared.as_ref().expect("a shared ledger").link
     }
 
+    /// Undoes an operation whose write did not stand (`pre`: the account before it; `None` while
+    /// joining, when the ledger found replaces everything anyway).
+    fn restore(&mut self, pre: Option<Account>) {
+        if let Some(pre) = pre {
+            self.account = pre;
+        }
+    }
+
     /// The write an operation calls for: none alone or degraded, or when it changed nothing
-    /// (`before`: the version before it) once joined.
+    /// (`before`: the version before it) and nothing waits to be written, once joined.
     fn pending_write(&mut self, before: u64) -> Option<Write> {
         let shared = self.shared.as_ref()?;
-        if shared.degraded || (shared.synced.is_some() && self.account.version() == before) {
+        let unchanged = self.account.version() == before && !shared.dirty;
+        if shared.degraded || (shared.synced.is_some() && unchanged) {
             return None;
         }
         let (expected, version, lineage) = match &shared.synced {
@@ -183,19 +231,57 @@ impl AccountActor {
         })
     }
 
+    /// The account as it is here was written as `synced`.
     fn agreed(&mut self, synced: Synced) {
         if let Some(shared) = self.shared.as_mut() {
             shared.synced = Some(synced);
+            shared.dirty = false;
+            self.account.written();
         }
     }
 
-    /// Goes back to the ledger as last agreed (undoing an operation whose write did not stand).
-    fn roll_back(&mut self) {
-        let now = self.now();
-        let last = self.shared.as_ref().and_then(|s| s.synced.as_ref());
-        if let Some((_, state)) = last.and_then(|s| parse(&s.value)) {
-            self.account.load_ledger(&state, now);
+    /// Notes a change made here and not written yet, and makes sure it is written within
+    /// `ledger_flush`.
+    fn mark_dirty(&mut self, ctx: &mut Context<Self>) {
+        if let Some(shared) = self.shared.as_mut() {
+            shared.dirty = true;
         }
+        self.schedule_flush(ctx);
+    }
+
+    fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = self.shared.as_mut() else {
+            return;
+        };
+        if shared.flushing {
+            return;
+        }
+        shared.flushing = true;
+        ctx.run_later(self.times.ledger_flush, |act, ctx| {
+            if let Some(shared) = act.shared.as_mut() {
+                shared.flushing = false;
+            }
+            let task = act.flush(ctx, false);
+            ctx.wait(task.map(|(), act, ctx| {
+                let again =
+                    act.account.has_reserves() || act.shared.as_ref().is_some_and(|s| s.dirty);
+                if again {
+                    act.schedule_flush(ctx);
+                }
+            }));
+        });
+    }
+
+    /// Writes what waits to be written, after giving back the reserves no worker drew from since
+    /// the last flush (every reserve with `all`: the instance stops or flushes on demand).
+    pub(super) fn flush(&mut self, ctx: &mut Context<Self>, all: bool) -> Task<()> {
+        if self.shared.is_none() {
+            return ready(());
+        }
+        let op: Op<()> = Rc::new(move |a, now, ev| {
+            a.release_reserves(all, now, ev);
+        });
+        Box::pin(self.run(ctx, op).map(|_, act, ctx| act.changed(ctx)))
     }
 
     /// Takes the ledger another instance wrote (`current`; `None`: Redis has none any more).
@@ -213,24 +299,24 @@ impl AccountActor {
             return;
         };
         let known = self.shared.as_ref().and_then(|s| s.synced.as_ref());
-        if known.is_none_or(|s| s.lineage == state.lineage) {
+        let dirty = self.shared.as_ref().is_some_and(|s| s.dirty);
+        if !dirty && known.is_none_or(|s| s.lineage == state.lineage) {
             self.account.load_ledger(&state, now);
         } else {
-            // Seeded afresh by another instance after a loss: ours are our leases as we know them.
-            self.roll_back();
+            // Changes of ours not written yet, or a ledger seeded afresh by another instance
+            // after a loss: ours are our leases as we know them, and our unwritten usage.
             self.account.merge(&state, now);
         }
         self.agreed(Synced {
             version,
             lineage: state.lineage,
-            value,
             at: now,
         });
     }
 
     /// Redis lost the ledger (a restart without persistence, or it expired): the next write seeds
-    /// it from the ledger as last agreed, charged for what other instances may have admitted
-    /// since then (see `Account::reseed`).
+    /// it from this instance's view, charged for what other instances may have admitted since
+    /// the last write (see `Account::reseed`).
     fn reseed(&mut self, now: Millis) {
         let since = self
             .shared
@@ -238,7 +324,6 @@ impl AccountActor {
             .and_then(|s| s.synced.as_ref())
             .map(|s| s.at);
         if let Some(since) = since {
-            self.roll_back();
             self.account.reseed(Some(now - since), now);
             log::warn!(
                 event = "ledger_reseeded", account_id = &*self.who.account_id, stale_ms = now - since;
@@ -262,7 +347,6 @@ impl AccountActor {
         log::debug!(event = "account_degraded", account_id = &*self.who.account_id; "{why}");
         let share = shared.link.share_for(&self.who.account_id);
         shared.link.metrics().degraded_accounts.inc();
-        self.roll_back();
         self.account.share_with(share);
         if let Some(shared) = self.shared.as_mut() {
             shared.degraded = true;
@@ -305,16 +389,12 @@ impl AccountActor {
             let value = format!("{version}\n{}", serde_json::to_string(&state).expect("serialises"));
             let link = act.link().clone();
             let id = act.who.account_id.clone();
-            let swap = async move {
-                let swapped = link.swap(&id, expected, value.clone()).await;
-                (swapped, value)
-            };
-            Box::pin(wrap_future::<_, Self>(swap).map(move |(swapped, value), act, ctx| {
+            let swap = async move { link.swap(&id, expected, value).await };
+            Box::pin(wrap_future::<_, Self>(swap).map(move |swapped, act, ctx| {
                 if let Ok(Swapped::Done { now }) = swapped {
                     act.agreed(Synced {
                         version,
                         lineage,
-                        value,
                         at: now,
                     });
                     if let Some(shared) = act.shared.as_mut() {

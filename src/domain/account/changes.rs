@@ -39,6 +39,8 @@ impl Account {
         next.next_lease = self.next_lease;
         next.owner = self.owner;
         next.unshared_use = std::mem::take(&mut self.unshared_use);
+        next.shares_ledger = self.shares_ledger;
+        next.reserves = std::mem::take(&mut self.reserves);
         if let Some(share) = self.share {
             next.share_with(share);
         }

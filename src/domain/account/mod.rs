@@ -24,12 +24,14 @@ mod changes;
 mod feedback;
 mod ledger;
 mod persist;
+mod reserve;
 mod shared;
 mod types;
 mod views;
 
 pub use ledger::{Exchanged, NeedGranted, Successes};
 pub use persist::{AccountState, LeasedUnits, SavedCopy};
+pub use reserve::{Footprint, ReserveExchanged, RESERVE_EXCHANGES};
 pub use shared::{LedgerState, SharedLease};
 pub use types::{
     AccountEvent, AccountSpec, Circuit, Denial, Feedback, Grant, Limits, QuotaStatus, RateHeaders,
@@ -100,9 +102,14 @@ pub struct Account {
     /// While the shared ledger is out of reach: this instance's part of every limit (see
     /// `shared`). `None` otherwise.
     share: Option<Share>,
-    /// Usage this instance admitted while out of reach of the shared ledger, per model: reported
-    /// to the ledger when it is back.
+    /// Usage this instance admitted that the shared ledger may not hold yet, per model: while
+    /// out of reach of it, or since the last write (see `reserve`); reported to the ledger when
+    /// a write lost a race or the ledger is back.
     unshared_use: Vec<(Arc<str>, Units, Millis)>,
+    /// Whether the account's ledger is shared with other instances (see [`Account::set_owner`]).
+    shares_ledger: bool,
+    /// This instance's reserves in the shared ledger, one per busy model (see `reserve`).
+    reserves: Vec<reserve::Reserve>,
     /// Raised when admission must stop at once everywhere (see [`super::lease`]).
     epoch: u64,
     cooldown_until: Millis,
@@ -207,6 +214,8 @@ impl Account {
             owner: 0,
             share: None,
             unshared_use: Vec::new(),
+            shares_ledger: false,
+            reserves: Vec::new(),
             epoch: 1,
             cooldown_until: 0,
             model_cooldowns: Vec::new(),

@@ -52,6 +52,15 @@ impl Account {
     /// Makes this process grant its leases as instance `owner` (a tag derived from its id).
     pub fn set_owner(&mut self, owner: u64) {
         self.owner = owner & 0xFF_FFFF;
+        self.shares_ledger = true;
+    }
+
+    /// The ledger as it is here was written to Redis: the usage noted since the last write is in
+    /// it (unless this instance keeps to a share: then it is reported when the ledger is back).
+    pub fn written(&mut self) {
+        if self.share.is_none() {
+            self.unshared_use.clear();
+        }
     }
 
     /// The whole ledger, to share (see the module documentation).
@@ -156,12 +165,12 @@ impl Account {
         self.share.is_some()
     }
 
-    /// Remembers usage admitted while out of reach of the shared ledger (see [`Account::merge`]).
+    /// Remembers usage the shared ledger may not hold yet (see [`Account::merge`]).
     pub(super) fn note_unshared(&mut self, model: &Arc<str>, used: Units, at: Millis) {
-        if self.share.is_none() {
+        let used = Units { slots: 0, ..used };
+        if !self.shares_ledger || used.is_zero() {
             return;
         }
-        let used = Units { slots: 0, ..used };
         match self.unshared_use.iter_mut().find(|(m, _, _)| m == model) {
             Some((_, u, t)) => {
                 *u = u.saturating_add(used);
