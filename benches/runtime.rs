@@ -6,6 +6,8 @@
 //! ```text
 //! baseline_message_roundtrip_us: N   an empty actix message to an actor on the same arbiter
 //! domain_reserve_commit_ns: N        reserve + commit on one account with six windows (no actor)
+//! shard_reserve_commit_ns: N         reserve + commit on a worker's lease shard (the hot path of
+//!                                    a request far from its limits), refilled every 64 requests
 //! actor_acquire_commit_p50_us: N     acquire through the pool and account actors + confirmed commit
 //! actor_acquire_commit_p99_us: N
 //! pool_reservations_per_sec: N       one pool of 16 accounts on its own arbiter, 64 callers
@@ -25,6 +27,7 @@ use criterion::Criterion;
 use quotagate::actors::catalog::{MemberSpec, ModelSpec, ProviderSpec, QuotaSettings, Upstream};
 use quotagate::actors::{QuotaSystem, RuntimeSettings};
 use quotagate::domain::account::{Account, AccountSpec, Usage};
+use quotagate::domain::lease::{Shard, Units};
 use quotagate::domain::schedule::Schedule;
 use quotagate::domain::time::{Clock, SystemClock};
 use quotagate::domain::{LimitKind, LimitSpec, Strategy, Tokenizer};
@@ -171,6 +174,65 @@ fn main() {
         t.elapsed()
     });
 
+    // --- a worker's lease shard -----------------------------------------------------------------
+    let mut ledger = Account::new(&account_spec("s"), clock.now_ms()).unwrap();
+    let mut shard = Shard::new();
+    let mut admitted = 0u64;
+    let mut shard_op = |now: i64| {
+        let ticket = match shard.reserve(black_box(120), ledger.epoch(), now + 600_000) {
+            Ok(ticket) => ticket,
+            Err(_) => {
+                // What the worker does when its lease runs dry: an exchange with its ledger.
+                let ex = shard.begin_exchange(now, 25, Some(120));
+                let answer = ledger.exchange(
+                    MODEL,
+                    ex.report.as_ref(),
+                    None,
+                    Units::ZERO,
+                    ex.want,
+                    now,
+                    10_000,
+                    600_000,
+                    &mut events,
+                );
+                shard.end_exchange(Some((answer.lease, answer.epoch)));
+                events.clear();
+                shard.reserve(120, ledger.epoch(), now + 600_000).unwrap()
+            }
+        };
+        shard.commit(ticket, 100, now);
+        admitted += 1;
+        if admitted.is_multiple_of(64) {
+            // A report tick: usage reported, the lease refilled.
+            let ex = shard.begin_exchange(now, 25, None);
+            let answer = ledger.exchange(
+                MODEL,
+                ex.report.as_ref(),
+                None,
+                Units::ZERO,
+                ex.want,
+                now,
+                10_000,
+                600_000,
+                &mut events,
+            );
+            shard.end_exchange(Some((answer.lease, answer.epoch)));
+            events.clear();
+        }
+    };
+    c.bench_function("shard_reserve_commit", |b| {
+        let now = clock.now_ms();
+        b.iter(|| shard_op(now))
+    });
+    let shard_cost = median_per_call(11, scale(200_000), |n| {
+        let now = clock.now_ms();
+        let t = Instant::now();
+        for _ in 0..n {
+            shard_op(now);
+        }
+        t.elapsed()
+    });
+
     // --- baseline actix round trip --------------------------------------------------------------
     let echo = system.block_on(async { Echo.start() });
     c.bench_function("baseline_message_roundtrip", |b| {
@@ -294,6 +356,10 @@ fn main() {
     println!(
         "domain_reserve_commit_ns: {:.0}",
         domain.as_secs_f64() * 1e9
+    );
+    println!(
+        "shard_reserve_commit_ns: {:.0}",
+        shard_cost.as_secs_f64() * 1e9
     );
     println!(
         "actor_acquire_commit_p50_us: {:.3}",

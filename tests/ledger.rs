@@ -195,10 +195,12 @@ async fn acquire(i: &Instance) -> Result<Reservation, AcquireError> {
     i.qs.acquire(MODEL, |_| 1, &[]).await
 }
 
+/// What the window counts now on `i`: committed units and units in flight (an instance writes
+/// a settlement with its next write: until then the others count that unit as in flight).
 async fn used(i: &Instance, limit_type: &str) -> u64 {
     let stats = i.qs.rate_stats("shared-account").await.unwrap();
     let w = stats.iter().find(|w| w.limit_type == limit_type).unwrap();
-    w.current + w.in_flight
+    w.current
 }
 
 /// Distinct accounts per test: every test gets its own logical database.
@@ -243,6 +245,46 @@ async fn two_instances_grant_and_settle_from_one_limit() {
     assert!(acquire(&a).await.is_err(), "a sees b's admissions too");
     assert_eq!(used(&a, "rpm").await, 10);
     assert_eq!(used(&b, "rpm").await, 10);
+}
+
+/// Acquires on `i` and settles as used once sent; the guard's commit is confirmed by the actor.
+async fn use_one(i: &Instance) {
+    let mut guard = acquire(i).await.unwrap().guard;
+    guard.mark_sent();
+    guard
+        .commit_confirmed(Usage::Reported(5), None)
+        .await
+        .unwrap();
+}
+
+#[actix::test]
+#[ignore = "needs redis: run scripts/test"]
+async fn usage_settled_before_its_write_survives_reads_and_lost_races() {
+    // Settling is written with an instance's next write, not before it is answered. Between
+    // the two, the other instance writes, this one reads the ledger (taking the other's
+    // changes) and loses a race: its settled usage must survive all of it.
+    let redis = standalone();
+    let rpm = vec![limit(LimitKind::Requests, 5, Some(60))];
+    let a = instance(&redis, "a", system(), rpm.clone()).await;
+    let b = instance(&redis, "b", system(), rpm).await;
+    let mut second = acquire(&a).await.unwrap().guard;
+    use_one(&a).await;
+    use_one(&b).await;
+    a.qs.status("shared-account").await.unwrap();
+    second.mark_sent();
+    second
+        .commit_confirmed(Usage::Reported(5), None)
+        .await
+        .unwrap();
+    use_one(&b).await;
+    use_one(&a).await;
+    // Five used: neither instance admits a sixth, now or once everything is written.
+    assert!(acquire(&b).await.is_err(), "b admitted a sixth request");
+    assert!(acquire(&a).await.is_err(), "a admitted a sixth request");
+    actix_rt::time::sleep(Duration::from_millis(600)).await;
+    assert!(acquire(&b).await.is_err(), "b admitted a sixth request");
+    assert_eq!(used(&a, "rpm").await, 5);
+    assert_eq!(used(&b, "rpm").await, 5);
 }
 
 #[actix::test]

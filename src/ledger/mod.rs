@@ -10,9 +10,12 @@
 //! wrote first, the operation runs again on the newer ledger. So the instances apply their
 //! operations one after the other, exactly as one process's messages, and the ledger's
 //! guarantee (DESIGN.md, "The guarantee") holds across instances as it does across threads.
-//! The worker threads' leases keep Redis off the hot path: an instance writes an account's
-//! ledger at most once per worker per `sync.report_interval` while it serves it, plus once per
-//! request only when the room is too tight to lease.
+//! The worker threads' leases keep Redis off the hot path, and the instance's *reserve* (see
+//! `domain::account::reserve`) keeps most of their refills off Redis: an exchange that leaves
+//! what the ledger counts for the instance no larger is written with the next write (at the
+//! latest ten report intervals later); only one that grows it waits for its write — about once
+//! per `RESERVE_EXCHANGES` reports far from the limits, once per request when the room is too
+//! tight to lease.
 //!
 //! Redis' `TIME` is the clock ([`LedgerClock`]). A dead instance's leases expire after
 //! `sync.lease_ttl` and count as used; Redis out of reach: each instance keeps to its share of

@@ -332,19 +332,21 @@ impl Handler<Commit> for AccountActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Commit, ctx: &mut Context<Self>) -> Self::Result {
-        self.operate(
-            ctx,
-            move |a, now, ev| {
+        // Settling gives units back or commits what was held: with a shared ledger it is written
+        // with the next write, unless it grew the footprint (an overrun) or moved the epoch.
+        let op: Op<((), bool)> = Rc::new(move |a, now, ev| {
+            a.with_footprint_check(now, ev, |a, ev| {
                 a.commit(msg.reservation, msg.usage, now, ev);
                 if let Some(fb) = &msg.feedback {
                     a.feedback(fb, now, ev);
                 }
-            },
-            |_, act, _| {
-                act.publish_usage();
-                act.publish_inflight();
-            },
-        )
+            })
+        });
+        let task = self.run_deferrable(ctx, op, |r| r.1);
+        AtomicResponse::new(Box::pin(task.map(|_, act, _| {
+            act.publish_usage();
+            act.publish_inflight();
+        })))
     }
 }
 
@@ -352,11 +354,11 @@ impl Handler<Release> for AccountActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) -> Self::Result {
-        self.operate(
-            ctx,
-            move |a, _, _| a.release(msg.reservation),
-            |_, act, _| act.publish_inflight(),
-        )
+        let op: Op<(bool, bool)> = Rc::new(move |a, now, ev| {
+            a.with_footprint_check(now, ev, |a, _| a.release(msg.reservation))
+        });
+        let task = self.run_deferrable(ctx, op, |r| r.1);
+        AtomicResponse::new(Box::pin(task.map(|_, act, _| act.publish_inflight())))
     }
 }
 

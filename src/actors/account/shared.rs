@@ -300,18 +300,23 @@ impl AccountActor {
         };
         let known = self.shared.as_ref().and_then(|s| s.synced.as_ref());
         let dirty = self.shared.as_ref().is_some_and(|s| s.dirty);
-        if !dirty && known.is_none_or(|s| s.lineage == state.lineage) {
-            self.account.load_ledger(&state, now);
-        } else {
+        let merged = dirty || known.is_some_and(|s| s.lineage != state.lineage);
+        if merged {
             // Changes of ours not written yet, or a ledger seeded afresh by another instance
-            // after a loss: ours are our leases as we know them, and our unwritten usage.
+            // after a loss: ours are our leases as we know them, and our unwritten usage — which
+            // stay unwritten (and noted) until our next write.
             self.account.merge(&state, now);
+        } else {
+            self.account.load_ledger(&state, now);
         }
-        self.agreed(Synced {
-            version,
-            lineage: state.lineage,
-            at: now,
-        });
+        if let Some(shared) = self.shared.as_mut() {
+            shared.synced = Some(Synced {
+                version,
+                lineage: state.lineage,
+                at: now,
+            });
+            shared.dirty = merged;
+        }
     }
 
     /// Redis lost the ledger (a restart without persistence, or it expired): the next write seeds
