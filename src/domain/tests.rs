@@ -1938,7 +1938,9 @@ fn out_of_reach_of_the_shared_ledger_an_instance_keeps_to_its_share_and_reports_
         let id = granted(&mut a, M, 1, T0 + t);
         commit(&mut a, id, Usage::RequestOnly, T0 + t);
     }
+    // The ledger as this instance last wrote it.
     let remote = a.ledger_state(T0 + 10);
+    a.written();
     // Three instances: this one (the last rank) keeps to 10 / 3 = 3 of the window, and the 4
     // already used leave it nothing until they expire.
     a.share_with(crate::domain::share::Share::new(3, 2));

@@ -268,41 +268,22 @@ impl Handler<Exchange> for AccountActor {
         let reservation_ttl = duration_ms(self.times.reservation_timeout);
         // With a shared ledger the workers refill from this instance's reserve (see
         // `domain::account::reserve`): most exchanges then need no write to Redis first.
-        let via_reserve = self.shared.is_some();
         let op: Op<ReserveExchanged> = Rc::new(move |a, now, ev| {
             #[cfg(feature = "fault-injection")]
             if &*msg.model == crate::domain::account::PANIC_MODEL {
                 panic!("injected panic in an exchange");
             }
-            let (model, report, successes) =
-                (&*msg.model, msg.report.as_ref(), msg.successes.as_ref());
-            if via_reserve {
-                return a.exchange_via_reserve(
-                    model,
-                    report,
-                    successes,
-                    msg.need,
-                    msg.want,
-                    now,
-                    lease_ttl,
-                    reservation_ttl,
-                    ev,
-                );
-            }
-            ReserveExchanged {
-                exchanged: a.exchange(
-                    model,
-                    report,
-                    successes,
-                    msg.need,
-                    msg.want,
-                    now,
-                    lease_ttl,
-                    reservation_ttl,
-                    ev,
-                ),
-                must_write: true,
-            }
+            a.exchange_via_reserve(
+                &msg.model,
+                msg.report.as_ref(),
+                msg.successes.as_ref(),
+                msg.need,
+                msg.want,
+                now,
+                lease_ttl,
+                reservation_ttl,
+                ev,
+            )
         });
         let task = self.run_deferrable(ctx, op, |r| r.must_write);
         AtomicResponse::new(Box::pin(task.map(|answer, act, ctx| {

@@ -102,7 +102,8 @@ impl Account {
     /// [`Account::exchange`] for a holder of this instance, its lease refilled from the instance's
     /// reserve for `model` when that covers it (then `must_write` is false unless the epoch
     /// moved); otherwise the exchange runs on the ledger's room and the reserve grows to about
-    /// [`RESERVE_EXCHANGES`] such exchanges within a fair share of the room (`must_write`).
+    /// [`RESERVE_EXCHANGES`] such exchanges within a fair share of the room (`must_write`). An
+    /// account whose ledger is not shared holds no reserve: the plain exchange.
     #[allow(clippy::too_many_arguments)]
     pub fn exchange_via_reserve(
         &mut self,
@@ -138,6 +139,12 @@ impl Account {
             reservation_ttl,
             events,
         );
+        if !self.shares_ledger {
+            return ReserveExchanged {
+                exchanged,
+                must_write: true,
+            };
+        }
         let mut granted = exchanged.lease.map_or(Units::ZERO, |l| l.held);
         if let Some(Ok(NeedGranted::Reservation(_))) = &exchanged.need {
             granted = granted.saturating_add(need);

@@ -240,6 +240,7 @@ impl Ledgers {
         let i = i % self.instances.len();
         if i != self.current {
             self.shared = Some(self.instances[self.current].ledger_state(now));
+            self.instances[self.current].written();
             if let Some(shared) = &self.shared {
                 self.instances[i].load_ledger(shared, now);
             }
