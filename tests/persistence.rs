@@ -432,7 +432,10 @@ async fn redis_going_away_and_coming_back_costs_no_request_and_is_logged_once_ea
         "one line when they are back"
     );
 
-    // What was admitted meanwhile is in the ledger: Redis holds the runtime's current usage.
+    // What was admitted meanwhile is in the ledger: once the account wrote what waits to be
+    // written (at the latest ten report intervals later; here a flush), Redis holds the runtime's
+    // current usage.
+    node.runtime.collect_flushed().await;
     let account = node.runtime.registry().account("p/a").unwrap().id.clone();
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
