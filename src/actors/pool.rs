@@ -16,7 +16,7 @@ use super::account::{
     Stop, UpdateAccount,
 };
 use super::events::{AccountRef, EventSink};
-use crate::domain::account::{Account, AccountSpec, AccountState};
+use crate::domain::account::{Account, AccountSpec, AccountState, QuotaStatus};
 use crate::domain::schedule::Schedule;
 use crate::domain::time::SharedClock;
 use crate::domain::Strategy;
@@ -65,6 +65,28 @@ pub struct MemberStatus {
     /// While the circuit breaker is open: until when.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_open_until: Option<crate::domain::time::Millis>,
+}
+
+impl MemberStatus {
+    /// An account as its pool shows it: `active` as configured, and inactive once the upstream
+    /// rejected its key (the status says so).
+    pub fn new(account_id: &str, account: &str, active: bool, status: QuotaStatus) -> MemberStatus {
+        MemberStatus {
+            account_id: account_id.to_string(),
+            account: account.to_string(),
+            active: active
+                && status.reason.as_deref() != Some("upstream rejected the key (401/403)"),
+            available: status.available,
+            reason: status.reason,
+            quota_used: status.current_usage,
+            quota_limit: status.limit,
+            usage_percent: status.usage_percent,
+            reset_at: status.reset_at,
+            in_flight: status.in_flight,
+            cooldown_until: status.cooldown_until,
+            circuit_open_until: status.circuit_open_until,
+        }
+    }
 }
 
 #[derive(Message, Debug, Clone)]
@@ -353,22 +375,8 @@ impl PoolActor {
                     let Ok(status) = addr.send(GetStatus).await else {
                         continue;
                     };
-                    accounts_status.push(MemberStatus {
-                        account_id: id.to_string(),
-                        account: name.to_string(),
-                        active: active.get(&id).copied().unwrap_or(false)
-                            && status.reason.as_deref()
-                                != Some("upstream rejected the key (401/403)"),
-                        available: status.available,
-                        reason: status.reason,
-                        quota_used: status.current_usage,
-                        quota_limit: status.limit,
-                        usage_percent: status.usage_percent,
-                        reset_at: status.reset_at,
-                        in_flight: status.in_flight,
-                        cooldown_until: status.cooldown_until,
-                        circuit_open_until: status.circuit_open_until,
-                    });
+                    let active = active.get(&id).copied().unwrap_or(false);
+                    accounts_status.push(MemberStatus::new(&id, &name, active, status));
                 }
                 let available_accounts = accounts_status.iter().filter(|s| s.available).count();
                 metrics

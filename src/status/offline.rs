@@ -65,21 +65,12 @@ pub fn snapshot(config: &Config, store: &Store) -> Result<Snapshot, String> {
             }
             account.roll(now, &mut Vec::new());
             let status = account.status(now);
-            members.push(MemberStatus {
-                account_id: member.spec.id.to_string(),
-                account: member.name.to_string(),
-                active: member.spec.active
-                    && status.reason.as_deref() != Some("upstream rejected the key (401/403)"),
-                available: status.available,
-                reason: status.reason,
-                quota_used: status.current_usage,
-                quota_limit: status.limit,
-                usage_percent: status.usage_percent,
-                reset_at: status.reset_at,
-                in_flight: status.in_flight,
-                cooldown_until: status.cooldown_until,
-                circuit_open_until: status.circuit_open_until,
-            });
+            members.push(MemberStatus::new(
+                &member.spec.id,
+                &member.name,
+                member.spec.active,
+                status,
+            ));
             windows.insert(member.spec.id.to_string(), account.window_stats(now));
         }
         pools.push(PoolInput {
