@@ -223,11 +223,12 @@ async fn two_instances_grant_and_settle_from_one_limit() {
             .await
             .unwrap();
     }
-    // What a's worker leased and does not use comes back at its next report (25 ms): b may
-    // wait that long for the last units.
+    // What a's worker leased and does not use comes back at its next report (25 ms), and a's
+    // reserve at a's next flush once no worker draws from it (at most two flushes, 500 ms): b
+    // may wait that long for the last units.
     let mut from_b = 0;
     let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(600) {
+    while started.elapsed() < Duration::from_millis(1200) {
         match acquire(&b).await {
             Ok(lease) => {
                 let mut guard = lease.guard;
@@ -248,8 +249,17 @@ async fn two_instances_grant_and_settle_from_one_limit() {
 }
 
 /// Acquires on `i` and settles as used once sent; the guard's commit is confirmed by the actor.
+/// Units the other instance leased come back at its next report or flush: waits that long.
 async fn use_one(i: &Instance) {
-    let mut guard = acquire(i).await.unwrap().guard;
+    let started = Instant::now();
+    let reservation = loop {
+        match acquire(i).await {
+            Ok(r) => break r,
+            Err(e) if started.elapsed() > Duration::from_millis(1200) => panic!("{e:?}"),
+            Err(_) => actix_rt::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let mut guard = reservation.guard;
     guard.mark_sent();
     guard
         .commit_confirmed(Usage::Reported(5), None)

@@ -378,8 +378,15 @@ impl Account {
         if !want.is_zero() && !denied && !closed && self.open_for_leases(now) {
             let room = self.room(model, now);
             let extra = want.min(fair_share(room, holders)).min(room);
-            // Units that cannot admit a single request are not worth holding.
-            if extra.requests > 0 && extra.tokens > 0 && extra.slots > 0 {
+            // Units that cannot admit a single request are not worth holding: every dimension
+            // the holder asked for must get some (one it did not ask for, it has enough of —
+            // typically the concurrency slots of a holder whose requests end quickly).
+            let some = |extra: u64, want: u64| extra > 0 || want == 0;
+            if !extra.is_zero()
+                && some(extra.requests, want.requests)
+                && some(extra.tokens, want.tokens)
+                && some(extra.slots, want.slots)
+            {
                 self.grow(&mut lease, model, extra, now, lease_deadline);
             }
         }

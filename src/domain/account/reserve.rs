@@ -155,7 +155,10 @@ impl Account {
         if budget.covers(&granted) {
             let left = budget.saturating_sub(granted);
             if open && admits_one(&left) {
-                self.hold_reserve(model, left, now, deadline, true);
+                // Drawn from only when the worker's lease grew beyond what it gave back: the last
+                // reports of a worker going idle do not keep the reserve.
+                let drawn = !reported.covers(&granted);
+                self.hold_reserve(model, left, now, deadline, drawn);
             }
             let must_write = exchanged.epoch != epoch || !self.footprint(now).within(&before);
             return ReserveExchanged {

@@ -186,3 +186,30 @@ fn idle_reserves_go_back_and_all_of_them_at_a_stop() {
     assert!(a.release_reserves(true, now + 2 * REPORT, &mut events));
     assert!(!a.has_reserves());
 }
+
+#[test]
+fn a_holder_that_keeps_its_slots_is_refilled_at_its_reports_without_running_dry() {
+    // Requests that end quickly: the worker always has its one slot back, so it asks for more
+    // requests and tokens but no slot. The ledger must grow the lease all the same, else every
+    // request finds the lease dry and asks the ledger alone (the exchange this lease avoids).
+    let mut a = account(&[(LimitKind::Requests, 1_000_000)], 0);
+    a.shares_ledger = false;
+    let mut shard = Shard::new();
+    let mut dry = 0;
+    for i in 0..40 {
+        let now = T0 + i * REPORT;
+        for _ in 0..20 {
+            match shard.reserve(10, a.epoch(), now + TTL) {
+                Ok(ticket) => {
+                    shard.commit(ticket, 8, now);
+                }
+                Err(_) => {
+                    dry += 1;
+                    exchange(&mut a, &mut shard, Some(10), now);
+                }
+            }
+        }
+        exchange(&mut a, &mut shard, None, now);
+    }
+    assert!(dry <= 5, "the lease ran dry {dry} times in 800 requests");
+}
