@@ -154,7 +154,10 @@ impl Account {
     ) -> u64 {
         let mask = self.mask_for(model);
         self.hold(mask, model, held);
-        self.peak.add(held.requests, held.tokens, now);
+        if !holder {
+            // A reservation is one request admitted; a holder's lease counts as it is used.
+            self.peak.add(held.requests, held.tokens, now);
+        }
         let id = (self.owner << 40) | self.next_lease;
         self.next_lease += 1;
         self.leases.insert(
@@ -238,8 +241,8 @@ impl Account {
     ) {
         match lease.and_then(|id| self.leases.get(&id).map(|l| l.mask)) {
             Some(mask) => {
+                // Not admitted yet: the peak counts a lease's units as they are reported used.
                 self.hold(mask, model, units);
-                self.peak.add(units.requests, units.tokens, now);
                 if let Some(l) = lease.and_then(|id| self.leases.get_mut(&id)) {
                     l.held = l.held.saturating_add(units);
                 }
@@ -324,6 +327,9 @@ impl Account {
                         ..report.used
                     }));
                     self.close_lease(&held, report.used, report.used_at.min(now), events);
+                    let used_at = report.used_at.min(now);
+                    self.peak
+                        .add(report.used.requests, report.used.tokens, used_at);
                     if !keep.is_zero() {
                         let model = held.model.clone();
                         self.hold(held.mask, &model, keep);

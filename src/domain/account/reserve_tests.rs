@@ -213,3 +213,30 @@ fn a_holder_that_keeps_its_slots_is_refilled_at_its_reports_without_running_dry(
     }
     assert!(dry <= 5, "the lease ran dry {dry} times in 800 requests");
 }
+
+#[test]
+fn the_peak_counts_what_a_lease_admitted_not_what_it_held() {
+    // The crash-gap charge of a kind without a window is bounded by the peak admitted per
+    // interval: a large lease granted to a worker that used 3 requests of it is a peak of 3.
+    let mut a = account(&[(LimitKind::Requests, 1_000_000)], 0);
+    a.shares_ledger = false;
+    let mut shard = Shard::new();
+    let mut used = 0;
+    for i in 0..3 {
+        let now = T0 + i;
+        match shard.reserve(10, a.epoch(), now + TTL) {
+            Ok(ticket) => {
+                shard.commit(ticket, 8, now);
+            }
+            Err(_) => {
+                exchange(&mut a, &mut shard, Some(10), now);
+                let ticket = shard.reserve(10, a.epoch(), now + TTL).unwrap();
+                shard.commit(ticket, 8, now);
+            }
+        }
+        used += 1;
+    }
+    exchange(&mut a, &mut shard, None, T0 + 5);
+    assert_eq!(used, 3);
+    assert_eq!(a.state(T0 + 5).peak_requests, 3);
+}
