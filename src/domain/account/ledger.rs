@@ -383,12 +383,23 @@ impl Account {
         let denied = matches!(answer, Some(Err(_)));
         if !want.is_zero() && !denied && !closed && self.open_for_leases(now) {
             let room = self.room(model, now);
-            let extra = want.min(fair_share(room, holders)).min(room);
+            let share = fair_share(room, holders);
+            let extra = want.min(share).min(room);
+            // Near a limit (a fair share does not cover two requests like the holder's) no lease
+            // grows: every request asks alone and settles at once, so that an upstream using more
+            // than its estimate is known before the next request is admitted.
+            let per_request = Units {
+                requests: 1,
+                tokens: want.tokens.div_ceil(want.requests.max(1)),
+                slots: 1,
+            };
+            let roomy = share.covers(&per_request.saturating_add(per_request));
             // Units that cannot admit a single request are not worth holding: every dimension
             // the holder asked for must get some (one it did not ask for, it has enough of —
             // typically the concurrency slots of a holder whose requests end quickly).
             let some = |extra: u64, want: u64| extra > 0 || want == 0;
-            if !extra.is_zero()
+            if roomy
+                && !extra.is_zero()
                 && some(extra.requests, want.requests)
                 && some(extra.tokens, want.tokens)
                 && some(extra.slots, want.slots)
