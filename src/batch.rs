@@ -76,8 +76,22 @@ impl<T> Drop for Slot<T> {
     }
 }
 
+/// A thread-local whose contents hand their last items to actors when the thread ends (batches,
+/// lease reports). Waking an actor then may find the runtime's own thread-locals already
+/// destroyed, and tokio panics on that; a panic in a thread-local's destructor aborts the
+/// process. This drops the contents under `catch_unwind` instead: the hand-over is queued all the
+/// same (`do_send`), only its wake-up may be lost, and the process goes on.
+pub(crate) struct OnThreadExit<T: Default>(pub(crate) RefCell<T>);
+
+impl<T: Default> Drop for OnThreadExit<T> {
+    fn drop(&mut self) {
+        let contents = std::mem::take(self.0.get_mut());
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(contents)));
+    }
+}
+
 thread_local! {
-    static SLOTS: RefCell<HashMap<u64, Box<dyn Any>>> = RefCell::new(HashMap::new());
+    static SLOTS: OnThreadExit<HashMap<u64, Box<dyn Any>>> = OnThreadExit(RefCell::new(HashMap::new()));
 }
 
 impl<T: 'static> PerThread<T> {
@@ -105,7 +119,7 @@ impl<T: 'static> PerThread<T> {
             return;
         }
         let full = SLOTS.with(|slots| {
-            let mut slots = slots.borrow_mut();
+            let mut slots = slots.0.borrow_mut();
             let slot = slots
                 .entry(self.id)
                 .or_insert_with(|| {
@@ -144,7 +158,7 @@ impl<T: 'static> PerThread<T> {
     /// Hands this thread's items on now.
     pub fn flush_thread(&self) {
         let items = SLOTS.with(|slots| {
-            let mut slots = slots.borrow_mut();
+            let mut slots = slots.0.borrow_mut();
             let slot = slots.get_mut(&self.id)?.downcast_mut::<Slot<T>>()?;
             slot.timer = false;
             Some(slot.take())

@@ -30,6 +30,7 @@ use futures_util::future::join_all;
 use super::account::Broke;
 use super::registry::{self, Registry, SharedRegistry};
 use super::reservation::Outstanding;
+use crate::batch::OnThreadExit;
 use crate::domain::time::{duration_ms, Millis, SharedClock};
 use crate::metrics::Metrics;
 
@@ -101,13 +102,14 @@ struct Holder {
 }
 
 thread_local! {
-    static HOLDERS: RefCell<Vec<Rc<Holder>>> = const { RefCell::new(Vec::new()) };
+    /// This thread's holders; when the thread ends their shards report (see `ShardCell`'s drop).
+    static HOLDERS: OnThreadExit<Vec<Rc<Holder>>> = const { OnThreadExit(RefCell::new(Vec::new())) };
 }
 
 /// This thread's holder for `holders`' runtime, created (and its timer started) on first use.
 fn local(holders: &Arc<Holders>) -> Rc<Holder> {
     HOLDERS.with(|all| {
-        if let Some(h) = all.borrow().iter().find(|h| h.holders.id == holders.id) {
+        if let Some(h) = all.0.borrow().iter().find(|h| h.holders.id == holders.id) {
             return h.clone();
         }
         let ticking = !holders.settings.report_interval.is_zero()
@@ -122,14 +124,14 @@ fn local(holders: &Arc<Holders>) -> Rc<Holder> {
         if ticking {
             actix_rt::spawn(run_timer(holder.clone()));
         }
-        all.borrow_mut().push(holder.clone());
+        all.0.borrow_mut().push(holder.clone());
         holder
     })
 }
 
 fn forget(holders: &Arc<Holders>) {
     let gone = HOLDERS.with(|all| {
-        let mut all = all.borrow_mut();
+        let mut all = all.0.borrow_mut();
         let i = all.iter().position(|h| h.holders.id == holders.id)?;
         Some(all.swap_remove(i))
     });
