@@ -138,6 +138,24 @@ fn median_per_call(batches: usize, per_batch: u64, mut f: impl FnMut(u64) -> Dur
     times[times.len() / 2]
 }
 
+/// Runs `op` (given the time now) under criterion as `name`, then returns its median cost per call
+/// over batches of `per_batch` calls.
+fn bench_op(c: &mut Criterion, name: &str, per_batch: u64, op: &mut impl FnMut(i64)) -> Duration {
+    let clock = SystemClock;
+    c.bench_function(name, |b| {
+        let now = clock.now_ms();
+        b.iter(|| op(now))
+    });
+    median_per_call(11, per_batch, |n| {
+        let now = clock.now_ms();
+        let t = Instant::now();
+        for _ in 0..n {
+            op(now);
+        }
+        t.elapsed()
+    })
+}
+
 fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
@@ -162,18 +180,12 @@ fn main() {
         account.commit(grant.reservation, Usage::Reported(100), now, &mut events);
         events.clear();
     };
-    c.bench_function("domain_reserve_commit", |b| {
-        let now = clock.now_ms();
-        b.iter(|| domain_op(now))
-    });
-    let domain = median_per_call(11, scale(200_000), |n| {
-        let now = clock.now_ms();
-        let t = Instant::now();
-        for _ in 0..n {
-            domain_op(now);
-        }
-        t.elapsed()
-    });
+    let domain = bench_op(
+        &mut c,
+        "domain_reserve_commit",
+        scale(200_000),
+        &mut domain_op,
+    );
 
     // --- a worker's lease shard -----------------------------------------------------------------
     let mut ledger = Account::new(&account_spec("s"), clock.now_ms()).unwrap();
@@ -236,18 +248,12 @@ fn main() {
             events.clear();
         }
     };
-    c.bench_function("shard_reserve_commit", |b| {
-        let now = clock.now_ms();
-        b.iter(|| shard_op(now))
-    });
-    let shard_cost = median_per_call(11, scale(200_000), |n| {
-        let now = clock.now_ms();
-        let t = Instant::now();
-        for _ in 0..n {
-            shard_op(now);
-        }
-        t.elapsed()
-    });
+    let shard_cost = bench_op(
+        &mut c,
+        "shard_reserve_commit",
+        scale(200_000),
+        &mut shard_op,
+    );
 
     // --- baseline actix round trip --------------------------------------------------------------
     let echo = system.block_on(async { Echo.start() });
