@@ -33,7 +33,7 @@ use crate::domain::time::{duration_ms, Millis, SharedClock};
 use crate::ledger::LedgerLink;
 
 pub use messages::*;
-use shared::{Op, Shared, Task};
+use shared::{ready, Op, Shared, Task};
 
 pub struct AccountActor {
     account: Account,
@@ -418,7 +418,7 @@ impl Handler<Snapshot> for AccountActor {
         let flushed = if msg.flush {
             self.flush(ctx, true)
         } else {
-            Box::pin(actix::fut::ready(()))
+            ready(())
         };
         AtomicResponse::new(Box::pin(flushed.map(move |(), act, _| {
             // Shared: the copy is the ledger as last agreed, under the ledger's version.

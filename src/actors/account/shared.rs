@@ -87,7 +87,7 @@ impl Shared {
     }
 }
 
-fn ready<T: 'static>(value: T) -> Task<T> {
+pub(super) fn ready<T: 'static>(value: T) -> Task<T> {
     Box::pin(ready_now(value))
 }
 

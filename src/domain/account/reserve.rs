@@ -80,13 +80,17 @@ impl Account {
     }
 
     /// Runs `op` (periods and windows rolled first) and says whether the shared ledger must hear
-    /// of it before it is answered: it moved the epoch, or grew the instance's footprint.
+    /// of it before it is answered: it moved the epoch, or grew the instance's footprint. An
+    /// account whose ledger is not shared measures nothing (`true`: there is nothing to defer).
     pub fn with_footprint_check<R>(
         &mut self,
         now: Millis,
         events: &mut Vec<AccountEvent>,
         op: impl FnOnce(&mut Account, &mut Vec<AccountEvent>) -> R,
     ) -> (R, bool) {
+        if !self.shares_ledger {
+            return (op(self, events), true);
+        }
         self.roll(now, events);
         let (before, epoch) = (self.footprint(now), self.epoch);
         let result = op(self, events);
@@ -117,8 +121,11 @@ impl Account {
         reservation_ttl: Millis,
         events: &mut Vec<AccountEvent>,
     ) -> ReserveExchanged {
-        self.roll(now, events);
-        let before = self.footprint(now);
+        // Only a shared ledger has a footprint to keep (the single-process path measures nothing).
+        let before = self.shares_ledger.then(|| {
+            self.roll(now, events);
+            self.footprint(now)
+        });
         let epoch = self.epoch;
         let reserved = self.take_reserve(model, now, events);
         let reported = report
@@ -139,12 +146,12 @@ impl Account {
             reservation_ttl,
             events,
         );
-        if !self.shares_ledger {
+        let Some(before) = before else {
             return ReserveExchanged {
                 exchanged,
                 must_write: true,
             };
-        }
+        };
         let mut granted = exchanged.lease.map_or(Units::ZERO, |l| l.held);
         if let Some(Ok(NeedGranted::Reservation(_))) = &exchanged.need {
             granted = granted.saturating_add(need);
